@@ -1,0 +1,63 @@
+# QLoRA from Scratch: the two commands are `make book` and `make test`.
+# Each creates (or updates) the virtual environment .venv and installs what it needs.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --constraint constraints.txt
+# On a machine without an NVIDIA GPU, take PyTorch's CPU build (about 200 MB) rather than PyPI's
+# Linux default, which brings several GB of CUDA libraries. Set TORCH_INDEX= to use PyPI's build.
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env
+export PYTHONHASHSEED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help env book student notebooks test lint unit nbval browser bench clean
+
+help:
+	@echo "make book       build the book into _build/html (stored notebook outputs, warnings are errors)"
+	@echo "make test       lint, unit/property tests, every notebook under nbval, the book, a browser check"
+	@echo "make notebooks  re-execute every notebook top to bottom and store its outputs"
+	@echo "make student    the student edition (no solutions) into _build/student"
+	@echo "make bench      benchmarks against bitsandbytes (not part of the tests)"
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || { \
+	  if [ -n "$(TORCH_INDEX)" ]; then \
+	    $(PIP) --no-deps --retries 0 --index-url $(TORCH_INDEX) torch || $(PIP) --no-deps torch; \
+	  fi; }
+	$(PIP) -e ".[book,test]"
+	touch $@
+
+book: env
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+student: env
+	$(PY) scripts/student_edition.py
+
+notebooks: env
+	$(PY) scripts/run_notebooks.py notebooks/*.ipynb
+
+lint: env
+	$(VENV)/bin/ruff check qlora_edu tests benchmarks scripts notebooks
+	$(VENV)/bin/ruff format --check qlora_edu tests benchmarks scripts notebooks
+
+unit: env
+	$(PY) -m pytest tests -m "not browser"
+
+nbval: env
+	$(PY) -m pytest $(NBVAL) notebooks
+
+browser: book student
+	$(PY) -m pytest tests -m browser
+
+test: lint unit nbval browser
+
+bench: env
+	$(PY) benchmarks/quantize.py
+
+clean:
+	rm -rf _build

@@ -1,0 +1,279 @@
+"""How much memory finetuning needs: exact parameter counts and a calculator (Chapter 1).
+
+Parameter counts come from instantiating a transformers config on the ``meta`` device: every
+tensor gets a shape but no storage, so a 65B model is counted exactly, without weights or downloads.
+
+The calculator adds up, in bytes, what a finetuning step keeps in memory:
+
+- ``weights``: the model's own weights (16-bit, or packed 4-bit plus their quantization constants);
+- ``lora``: the LoRA adapter parameters;
+- ``gradients``: a gradient for every trainable parameter;
+- ``optimizer``: AdamW's two moments, always float32 (8 bytes per trainable parameter);
+- ``activations``: what the forward pass saves for backward (see :func:`activation_bytes`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+METHODS = ("full", "lora", "qlora")
+ADAM_BYTES_PER_PARAM = 8  # two float32 moments
+_REQUIRED_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
+
+
+# Published shapes of real architectures (from their papers and released configs).
+ARCHITECTURES: dict[str, dict[str, int]] = {
+    "TinyLlama-1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "LLaMA-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, vocab_size=32000),
+    "LLaMA-13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                      num_attention_heads=40, vocab_size=32000),
+    "LLaMA-33B": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
+                      num_attention_heads=52, vocab_size=32000),
+    "LLaMA-65B": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                      num_attention_heads=64, vocab_size=32000),
+    "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+}  # fmt: skip
+
+
+def llama_config(name: str):
+    """A transformers ``LlamaConfig`` for one of :data:`ARCHITECTURES` (no weights, no download)."""
+    from transformers import LlamaConfig
+
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    return LlamaConfig(**ARCHITECTURES[name])
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Exact parameter counts of a causal LM, split the way QLoRA treats them."""
+
+    total: int  # every parameter (tied embeddings counted once)
+    linear: int  # weights of the linear layers inside the transformer blocks (quantized by QLoRA)
+    linear_shapes: tuple[tuple[int, int], ...]  # (out_features, in_features) of each such layer
+    other: int  # embeddings, norms, output head, biases: kept in 16-bit by QLoRA
+
+    def lora(self, r: int) -> int:
+        """LoRA parameters for rank ``r`` on every block linear layer: r * (in + out) each."""
+        return sum(r * (out_f + in_f) for out_f, in_f in self.linear_shapes)
+
+
+def _check_config(config) -> None:
+    missing = [f for f in _REQUIRED_FIELDS if getattr(config, f, None) is None]
+    if missing:
+        raise ValueError(f"config is missing fields needed for the estimate: {', '.join(missing)}")
+    for field in _REQUIRED_FIELDS:
+        value = getattr(config, field)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.{field} must be a positive integer, got {value!r}")
+
+
+def count_parameters(config) -> ParameterCount:
+    """Count a causal LM's parameters exactly by building it on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    shapes = tuple(
+        tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+    )
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(o * i for o, i in shapes)
+    return ParameterCount(total=total, linear=linear, linear_shapes=shapes, other=total - linear)
+
+
+def quantized_nbytes(numel: int, blocksize: int = 64, compress_statistics: bool = True) -> int:
+    """Bytes that blockwise 4-bit quantization stores for ``numel`` weights.
+
+    Packed codes (two per byte) plus one absmax per block: float32 without double quantization;
+    with it, one uint8 code per block, one float32 absmax per 256 blocks and one float32 offset.
+    """
+    blocks = math.ceil(numel / blocksize)
+    packed = math.ceil(numel / 2)
+    if not compress_statistics:
+        return packed + 4 * blocks
+    return packed + blocks + 4 * math.ceil(blocks / 256) + 4
+
+
+def activation_bytes(
+    config,
+    *,
+    batch_size: int,
+    seq_len: int,
+    bytes_per_element: int,
+    gradient_checkpointing: bool,
+    lora_r: int | None = None,
+) -> int:
+    """Bytes of the tensors a Llama-style forward pass saves for the backward pass.
+
+    Counted tensor by tensor from what transformers' Llama decoder layer, with PyTorch's
+    ``scaled_dot_product_attention`` (which keeps no seq x seq attention matrix), hands to
+    autograd. ``lora_r=None`` means full finetuning; a rank means a frozen base with LoRA on every
+    block linear layer. Per token and layer, in elements:
+
+    - the layer input and the residual sum after attention: ``2 h``;
+    - two RMSNorms, each keeping one ``1/rms`` and its output (the input of the next linear
+      layers), plus its normalised input only when the norm's weight trains: ``2 h + 2 (+ 2 h)``;
+    - attention: queries and attention output ``2 q``, keys and values ``2 kv``, and one
+      log-sum-exp per head ``heads`` (``q`` = heads x head_dim, ``kv`` = kv_heads x head_dim);
+    - the MLP: gate and up projections, SiLU of the gate, and their product: ``4 intermediate``;
+    - with LoRA, each adapter's ``r`` intermediate values ``A x`` (the input of ``B``).
+
+    Once per step: the log-softmax of the logits for the loss (``vocab`` per token), the rotary
+    cos/sin tables (``2 seq head_dim``) and, when everything trains, the final norm (``3 h + 1``
+    per token). A frozen base needs no gradient for its embedding output, which saves the first
+    layer's input and ``1/rms`` (``h + 1``); the final norm's input and ``1/rms`` cost the same.
+
+    With gradient checkpointing only each layer's input is kept, and one layer's activations live
+    again while it is recomputed during backward. Mixed precision (16-bit layers with float32
+    norms) shifts these counts by a few percent.
+    """
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    tokens = batch_size * seq_len
+    per_layer = 4 * h + 2 + 2 * q + 2 * kv + heads + 4 * inter
+    if lora_r is None:
+        per_layer += 2 * h
+        once = 3 * h + 1 + config.vocab_size
+    else:
+        adapters_per_layer = len(count_parameters(config).linear_shapes) // layers
+        per_layer += adapters_per_layer * lora_r
+        once = config.vocab_size
+    kept = layers * (h if gradient_checkpointing else per_layer)
+    recomputed = per_layer if gradient_checkpointing else 0
+    elements = (kept + recomputed + once) * tokens + 2 * seq_len * head_dim
+    return elements * bytes_per_element
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def estimate_finetune_memory(
+    config,
+    method: str,
+    *,
+    lora_r: int = 64,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    gradient_checkpointing: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    blocksize: int = 64,
+    compress_statistics: bool = True,
+) -> dict[str, int]:
+    """Bytes needed to finetune ``config``'s model, per component and in ``total``.
+
+    ``method``: ``"full"`` (every parameter trained in ``dtype``), ``"lora"`` (frozen ``dtype`` base
+    plus LoRA of rank ``lora_r`` on every block linear layer) or ``"qlora"`` (the same, with the
+    block linear layers stored in 4 bits, double-quantized when ``compress_statistics``).
+    ``dtype`` is the precision of unquantized weights, adapters, gradients and activations; AdamW's
+    moments are float32 whatever it is.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    for name, value in (("lora_r", lora_r), ("batch_size", batch_size), ("seq_len", seq_len)):
+        _positive_int(name, value)
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+    width = torch.finfo(dtype).bits // 8
+    counts = count_parameters(config)
+
+    if method == "full":
+        weights, lora, trainable = width * counts.total, 0, counts.total
+    else:
+        n_lora = counts.lora(lora_r)
+        lora, trainable = width * n_lora, n_lora
+        if method == "lora":
+            weights = width * counts.total
+        else:
+            packed = sum(
+                quantized_nbytes(o * i, blocksize, compress_statistics)
+                for o, i in counts.linear_shapes
+            )
+            weights = packed + width * counts.other
+    parts = {
+        "weights": weights,
+        "lora": lora,
+        "gradients": width * trainable,
+        "optimizer": ADAM_BYTES_PER_PARAM * trainable,
+        "activations": activation_bytes(
+            config,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            bytes_per_element=width,
+            gradient_checkpointing=gradient_checkpointing,
+            lora_r=None if method == "full" else lora_r,
+        ),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _storages(tensors) -> dict[int, int]:
+    """Distinct storages behind ``tensors`` (views of one storage count once): address -> bytes."""
+    return {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in tensors
+        if t is not None and t.device.type != "meta"
+    }
+
+
+def _storage_bytes(tensors, exclude: dict[int, int] | None = None) -> int:
+    return sum(n for ptr, n in _storages(tensors).items() if ptr not in (exclude or {}))
+
+
+def measure_training_step(model: nn.Module, input_ids: torch.Tensor) -> dict[str, int]:
+    """Run one AdamW step of a causal LM and count, in bytes, the tensors it keeps in memory.
+
+    ``activations`` are the distinct storages autograd saved for backward during the forward pass
+    (collected with ``torch.autograd.graph.saved_tensors_hooks``), less the parameters themselves,
+    which autograd also saves; ``weights``, ``gradients`` and
+    ``optimizer`` are the storages of the parameters (``lora`` those with ``lora_`` in their name,
+    as peft and qlora_edu name them), their ``.grad`` and AdamW's state after the step. Frozen
+    parameters get no gradient and no optimizer state.
+    """
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    activations = _storage_bytes(saved, exclude=_storages(model.parameters()))
+    saved.clear()
+    loss.backward()
+    optimizer.step()
+    state = [t for s in optimizer.state.values() for t in s.values() if t.dim() > 0]
+    named = list(model.named_parameters())
+    parts = {
+        "weights": _storage_bytes(p for n, p in named if "lora_" not in n),
+        "lora": _storage_bytes(p for n, p in named if "lora_" in n),
+        "gradients": _storage_bytes(p.grad for p in trainable),
+        "optimizer": _storage_bytes(state),
+        "activations": activations,
+    }
+    parts["total"] = sum(parts.values())
+    return parts

@@ -1,0 +1,92 @@
+"""Helpers shared by the book's scripts and tests: the notebook list, the setup cell, solutions."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+SOLUTION_START = re.compile(r"^\s*```\{solution-start\}", re.MULTILINE)
+SOLUTION_END = re.compile(r"^\s*```\{solution-end\}", re.MULTILINE)
+
+
+def book_config() -> dict:
+    return yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def repository_url() -> str:
+    return book_config()["repository"]["url"].rstrip("/")
+
+
+def colab_url(notebook: str) -> str:
+    """The Colab link of a notebook (a path relative to the repository root)."""
+    config = book_config()
+    repo = repository_url().removeprefix("https://github.com/")
+    branch = config["repository"].get("branch", "main")
+    return f"https://colab.research.google.com/github/{repo}/blob/{branch}/{notebook}"
+
+
+def setup_cell_source() -> str:
+    """The first cell of every notebook: installs qlora_edu on Colab, does nothing elsewhere."""
+    return f"""# Setup: on Google Colab, install qlora_edu (and bitsandbytes) from the book's
+# repository, keeping Colab's own PyTorch. Anywhere else this cell does nothing.
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    package = "qlora-edu @ git+{repository_url()}@main"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", package], check=True)"""
+
+
+def notebook_paths() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+def toc_files() -> list[str]:
+    """Every file the table of contents lists, in reading order."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [chapter["file"] for chapter in part["chapters"]]
+    return files
+
+
+def solution_spans(nb) -> list[tuple[int, int]]:
+    """Index ranges [start, end] of the cells that make up each gated solution."""
+    spans, start = [], None
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "markdown":
+            continue
+        if SOLUTION_START.search(cell.source):
+            start = i
+        if SOLUTION_END.search(cell.source) and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def strip_solutions(nb):
+    """A copy of the notebook without its solution cells."""
+    drop = {i for a, b in solution_spans(nb) for i in range(a, b + 1)}
+    copy = nbformat.from_dict(nb)
+    copy.cells = [c for i, c in enumerate(nb.cells) if i not in drop]
+    return copy
+
+
+def solution_texts(nb) -> list[str]:
+    """The distinctive text of each solution cell: what must never reach a student."""
+    texts = []
+    for a, b in solution_spans(nb):
+        for cell in nb.cells[a : b + 1]:
+            lines = [
+                line.strip()
+                for line in cell.source.splitlines()
+                if len(line.strip()) > 25 and "solution-" not in line and ":class:" not in line
+            ]
+            texts += lines
+    return texts

@@ -1,0 +1,122 @@
+"""The book's platform: notebooks, table of contents, setup cells, exercises, environments."""
+
+import re
+
+import nbformat
+import pytest
+import tomllib
+import yaml
+from booktools import (
+    ROOT,
+    colab_url,
+    notebook_paths,
+    setup_cell_source,
+    solution_spans,
+    strip_solutions,
+    toc_files,
+)
+
+NOTEBOOKS = notebook_paths()
+NB_IDS = [p.name for p in NOTEBOOKS]
+
+
+def read(path):
+    return nbformat.read(path, as_version=4)
+
+
+def test_toc_and_notebooks_list_the_same_chapters():
+    in_toc = {f for f in toc_files() if f.startswith("notebooks/")}
+    on_disk = {f"notebooks/{p.stem}" for p in NOTEBOOKS}
+    assert in_toc == on_disk
+    for f in toc_files():
+        assert (ROOT / f).with_suffix(".md").exists() or (ROOT / f).with_suffix(".ipynb").exists()
+
+
+def test_notebooks_are_numbered_in_reading_order():
+    chapters = [f for f in toc_files() if f.startswith("notebooks/")]
+    numbers = [int(re.match(r"notebooks/(\d+)_", f).group(1)) for f in chapters]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
+def test_stored_outputs_come_from_one_clean_run(path):
+    code = [c for c in read(path).cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, "a stored output is an error"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
+def test_first_cell_is_the_colab_setup_cell(path):
+    nb = read(path)
+    assert nb.cells[0].cell_type == "code"
+    assert nb.cells[0].source == setup_cell_source()
+    assert "remove-cell" in nb.cells[0].metadata.get("tags", [])  # not shown in the web book
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
+def test_output_markers_carry_a_reason_and_nothing_is_skipped(path):
+    for cell in read(path).cells[1:]:
+        if cell.cell_type != "code":
+            continue
+        assert "NBVAL_SKIP" not in cell.source, "only the Colab setup cell may be skipped"
+        for line in cell.source.splitlines():
+            if "NBVAL_IGNORE_OUTPUT" in line or "NBVAL_CHECK_OUTPUT" in line:
+                reason = line.split("NBVAL_", 1)[1].split(None, 1)
+                assert len(reason) == 2 and len(reason[1]) > 10, f"no reason given: {line!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
+def test_every_chapter_has_objectives_three_exercises_with_solutions_and_a_summary(path):
+    nb = read(path)
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "Learning objectives" in markdown
+    assert "## Summary" in markdown
+    exercises = re.findall(r"```\{exercise\}\n:label: (\S+)", markdown)
+    solved = re.findall(r"```\{solution-start\} (\S+)", markdown)
+    assert len(exercises) >= 3
+    assert sorted(exercises) == sorted(solved)
+    assert len(solution_spans(nb)) == len(solved)
+    student = strip_solutions(nb)
+    assert all("solution-" not in c.source for c in student.cells)
+    assert len(student.cells) < len(nb.cells)
+
+
+def test_colab_links_derive_from_the_repository_url():
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    url = config["repository"]["url"]
+    assert url.startswith("https://github.com/")
+    assert config["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    assert colab_url("notebooks/01_memory_wall.ipynb") == (
+        f"https://colab.research.google.com/github/{url.removeprefix('https://github.com/')}"
+        "/blob/main/notebooks/01_memory_wall.ipynb"
+    )
+    assert url in setup_cell_source()
+
+
+def _names(requirements):
+    return {re.split(r"[<>=!\[ ;]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_environment_yml_names_the_same_packages_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = set(project["dependencies"])
+    for extra in ("book", "test"):
+        wanted |= set(project["optional-dependencies"][extra])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = {r for r in pip_section if not r.startswith("--")}
+    assert listed == wanted
+    assert "--editable ." in pip_section
+    assert _names(wanted) <= _names(
+        line for line in (ROOT / "constraints.txt").read_text().splitlines() if line[:1].isalpha()
+    )
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme and "make book" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    workflows = " ".join(p.read_text() for p in (ROOT / ".github" / "workflows").glob("*.yml"))
+    assert "make test" in workflows and "make book" in workflows

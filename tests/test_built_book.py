@@ -1,0 +1,158 @@
+"""The built book, as a reader sees it: loaded in a real headless Chromium.
+
+Needs `make book` and `make student` first (`make test` runs them). Without Chromium the browser
+checks skip on a reader's machine, but fail in CI.
+"""
+
+import functools
+import http.server
+import os
+import shutil
+import threading
+
+import nbformat
+import pytest
+from booktools import ROOT, colab_url, notebook_paths, solution_texts, toc_files
+
+pytestmark = pytest.mark.browser
+HTML = ROOT / "_build" / "html"
+STUDENT = ROOT / "_build" / "student"
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+PAGES = [f for f in toc_files()]
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def site():
+    if not (HTML / "index.html").exists():
+        pytest.fail("the book is not built: run `make book` first")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(HTML))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver_path = _chromium(), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        if os.environ.get("CI"):
+            pytest.fail("CI needs Chromium and chromedriver (Debian: chromium chromium-driver)")
+        pytest.skip("no Chromium found: install chromium and chromium-driver to run this check")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1600",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def _open(browser, site, page):
+    browser.get(f"{site}/{page}.html")
+    return browser
+
+
+def _heading(browser):
+    """The page's main heading as a reader sees it (without the hidden permalink sign)."""
+    return browser.execute_script(
+        "const h = document.querySelector('article h1');"
+        "return h ? h.innerText.replace(/[#¶]\\s*$/, '').trim() : ''"
+    )
+
+
+def test_index_loads_with_the_book_title(browser, site):
+    browser.get(f"{site}/index.html")
+    assert browser.current_url.endswith("book/intro.html")  # index.html redirects to the preface
+    assert "QLoRA from Scratch" in browser.title
+    assert _heading(browser) == "QLoRA from Scratch"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_with_working_images_and_navigation(browser, site, page):
+    _open(browser, site, page)
+    heading = _heading(browser)
+    assert heading and heading in browser.title
+    broken = browser.execute_script(
+        "return [...document.images].filter(i => !i.complete || i.naturalWidth === 0)"
+        ".map(i => i.src)"
+    )
+    assert broken == []
+    position = PAGES.index(page)
+    links = {
+        cls: browser.execute_script(
+            f"const a = document.querySelector('a.{cls}'); return a && a.href"
+        )
+        for cls in ("left-prev", "right-next")
+    }
+    if position > 0:
+        assert links["left-prev"] and links["left-prev"].endswith(f"{PAGES[position - 1]}.html")
+    if position < len(PAGES) - 1:
+        assert links["right-next"] and links["right-next"].endswith(f"{PAGES[position + 1]}.html")
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.name)
+def test_chapter_has_its_colab_link_and_figures(browser, site, path):
+    _open(browser, site, f"notebooks/{path.stem}")
+    hrefs = browser.execute_script(
+        "return [...document.querySelectorAll('a')].map(a => a.href)"
+        ".filter(h => h.includes('colab.research.google.com'))"
+    )
+    assert colab_url(f"notebooks/{path.name}") in hrefs
+    nb = nbformat.read(path, as_version=4)
+    figures = sum(
+        "image/png" in o.get("data", {})
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
+    shown = browser.execute_script(
+        "return [...document.images].filter(i => i.src.includes('_images/')"
+        " && i.naturalWidth > 100).length"
+    )
+    assert shown >= figures
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / f"{path.stem}.png"))
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.name)
+def test_student_edition_leaks_no_solution(path):
+    secrets = solution_texts(nbformat.read(path, as_version=4))
+    assert secrets, "the chapter has no solution text to hide"
+    student_nb = (STUDENT / "notebooks" / path.name).read_text()
+    student_page = (STUDENT / "_build" / "html" / "notebooks" / f"{path.stem}.html").read_text()
+    teacher_page = (HTML / "notebooks" / f"{path.stem}.html").read_text()
+    for text in secrets:
+        assert text not in student_nb
+    # compare on the html-escaped first words: the rendered page escapes quotes and brackets
+    import html
+
+    visible = [html.escape(t, quote=False)[:20] for t in secrets]
+    shown = [v for v in visible if v in teacher_page]
+    assert shown, "the teacher's page should show the solutions"
+    assert not [v for v in shown if v in student_page]

@@ -1,0 +1,137 @@
+"""Chapter 1: parameter counts and the finetuning memory calculator."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qlora_edu import count_parameters, estimate_finetune_memory, llama_config, quantized_nbytes
+from qlora_edu.memory import measure_training_step
+
+GB = 1000**3
+
+
+def small_config(**overrides):
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=256,
+    )
+    return LlamaConfig(**(fields | overrides))
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("LLaMA-7B", 6_738_415_616),
+        ("LLaMA-13B", 13_015_864_320),
+        ("LLaMA-33B", 32_528_943_616),
+        ("LLaMA-65B", 65_285_660_672),
+        ("Llama-3-8B", 8_030_261_248),
+    ],
+)
+def test_counts_equal_the_released_checkpoints(name, expected):
+    assert count_parameters(llama_config(name)).total == expected
+
+
+def test_counts_equal_a_materialised_model():
+    config = small_config()
+    model = LlamaForCausalLM(config)
+    counts = count_parameters(config)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert counts.linear == sum(m.weight.numel() for m in linears)
+    assert len(counts.linear_shapes) == 7 * config.num_hidden_layers
+
+
+def test_paper_headline_for_65b():
+    config = llama_config("LLaMA-65B")
+    assert estimate_finetune_memory(config, "full")["total"] > 780 * GB
+    assert estimate_finetune_memory(config, "qlora")["total"] < 48 * GB
+
+
+def test_full_finetuning_costs_twelve_bytes_per_parameter():
+    config = small_config()
+    total = count_parameters(config).total
+    parts = estimate_finetune_memory(config, "full")
+    assert parts["weights"] + parts["gradients"] + parts["optimizer"] == 12 * total
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+
+
+def test_quantized_bytes_per_parameter():
+    n = 4096 * 4096
+    assert quantized_nbytes(n, compress_statistics=False) * 8 / n == 4.5
+    assert quantized_nbytes(n) * 8 / n == pytest.approx(4.127, abs=5e-4)
+
+
+@pytest.mark.parametrize("method,lora_r", [("full", None), ("lora", 4)])
+@pytest.mark.parametrize("batch,seq", [(1, 32), (3, 17)])
+def test_estimate_matches_a_measured_training_step(method, lora_r, batch, seq):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = small_config()
+    model = LlamaForCausalLM(config)
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=lora_r, target_modules="all-linear"))
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    measured = measure_training_step(model, ids)
+    estimated = estimate_finetune_memory(
+        config,
+        method,
+        lora_r=lora_r or 8,
+        batch_size=batch,
+        seq_len=seq,
+        gradient_checkpointing=False,
+        dtype=torch.float32,
+    )
+    for part in ("weights", "lora", "gradients", "optimizer"):
+        assert estimated[part] == measured[part], part
+    # token ids and labels (int64) are the only saved tensors the estimate leaves out
+    assert 0 <= measured["activations"] - estimated["activations"] <= 3 * 8 * batch * seq
+    assert estimated["total"] == pytest.approx(measured["total"], rel=0.10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seq=st.integers(1, 4096), batch=st.integers(1, 8))
+def test_checkpointing_never_costs_more_and_memory_grows_with_tokens(seq, batch):
+    config = llama_config("LLaMA-7B")
+    on = estimate_finetune_memory(config, "qlora", seq_len=seq, batch_size=batch)
+    off = estimate_finetune_memory(
+        config, "qlora", seq_len=seq, batch_size=batch, gradient_checkpointing=False
+    )
+    more = estimate_finetune_memory(config, "qlora", seq_len=seq + 1, batch_size=batch)
+    assert on["activations"] <= off["activations"]
+    assert more["activations"] > on["activations"]
+    assert on["weights"] == off["weights"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(method="adam"), "unknown method"),
+        (dict(method="qlora", lora_r=0), "lora_r"),
+        (dict(method="qlora", batch_size=-1), "batch_size"),
+        (dict(method="qlora", seq_len=0), "seq_len"),
+        (dict(method="full", dtype=torch.int8), "floating point"),
+    ],
+)
+def test_bad_input_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        estimate_finetune_memory(small_config(), **kwargs)
+
+
+def test_config_missing_fields_is_named():
+    class Partial:
+        hidden_size = 64
+
+    with pytest.raises(ValueError, match="intermediate_size"):
+        estimate_finetune_memory(Partial(), "full")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        llama_config("LLaMA-1T")
