@@ -1,0 +1,241 @@
+"""Blockwise absmax quantization against any code book, and 4-bit packing (Chapters 2 and 3).
+
+``quantize_4bit`` and ``dequantize_4bit`` mirror bitsandbytes' functions of the same names and give
+the same bytes: the tensor is flattened, cut into blocks of ``blocksize`` values, each block is
+divided by its absmax (its largest absolute value) so it lies in [-1, 1], and every value is
+replaced by the index of the nearest code book entry. Two 4-bit indices share a byte, the first in
+the high nibble. Double quantization of the absmax values lives in :mod:`qlora_edu.double_quant`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from qlora_edu.codebooks import DYNAMIC_CODE, FP4_CODE, NF4_CODE
+
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+QUANT_TYPES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+CHUNK = 1 << 20  # values quantized at a time: bounds the extra memory to a few MB
+
+
+@dataclass
+class QuantState:
+    """Everything needed to undo a quantization, with bitsandbytes' field names.
+
+    ``absmax`` holds one float32 scale per block, or, when ``state2`` is set (double quantization),
+    one uint8 code per block that ``state2`` and ``offset`` turn back into the scale.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size | None
+    code: torch.Tensor
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str | None = None
+    offset: torch.Tensor | None = None
+    state2: QuantState | None = field(default=None, repr=False)
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+    @classmethod
+    def from_bnb(cls, state) -> QuantState:
+        """Convert a ``bitsandbytes.functional.QuantState`` (lossless)."""
+        state2 = cls.from_bnb(state.state2) if state.state2 is not None else None
+        shape = torch.Size(state.shape) if state.shape is not None else None
+        return cls(
+            absmax=state.absmax,
+            shape=shape,
+            code=state.code,
+            dtype=state.dtype,
+            blocksize=state.blocksize,
+            quant_type=state.quant_type,
+            offset=state.offset,
+            state2=state2,
+        )
+
+    def to_bnb(self):
+        """Convert to a ``bitsandbytes.functional.QuantState`` (lossless)."""
+        from bitsandbytes.functional import QuantState as BnbQuantState
+
+        return BnbQuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=self.state2.to_bnb() if self.state2 is not None else None,
+        )
+
+
+def check_input(A: torch.Tensor, blocksize: int) -> None:
+    """Refuse what cannot be quantized, naming the problem."""
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(A).__name__}")
+    if A.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"cannot quantize a {A.dtype} tensor; supported dtypes: {names}")
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(
+            f"unsupported blocksize {blocksize}; supported: "
+            + ", ".join(map(str, SUPPORTED_BLOCKSIZES))
+        )
+    bad = ~torch.isfinite(A)
+    if bad.any():
+        count = int(bad.sum())
+        first = tuple(int(i) for i in torch.unravel_index(bad.reshape(-1).nonzero()[0, 0], A.shape))
+        kinds = "NaN" if A[bad].isnan().all() else "NaN or Inf"
+        raise ValueError(
+            f"cannot quantize: {count} {kinds} value(s), the first at index {first}; "
+            "bitsandbytes would silently turn their whole blocks into NaN"
+        )
+
+
+def quantize_blockwise(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax quantization of ``A`` against any code book.
+
+    Returns ``(indices, absmax)``: for every value (flattened) the int64 index of the nearest
+    ``code`` entry after scaling its block by 1/absmax, and one float32 absmax per block (a final
+    partial block gets its own). The nearest entry is found with ``torch.bucketize`` on the
+    midpoints between neighbouring entries of the sorted code book: a value exactly on a midpoint
+    goes down. The work is done ``CHUNK`` values at a time, so no (values x 16) distance matrix and
+    no full-size float32 copy is ever made.
+    """
+    sorted_code, order = torch.sort(code, stable=True)
+    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
+    flat = A.reshape(-1)
+    n = flat.numel()
+    indices = torch.empty(n, dtype=torch.uint8 if code.numel() <= 256 else torch.int64)
+    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32)
+    step = max(CHUNK // blocksize, 1) * blocksize
+    for start in range(0, n, step):
+        chunk = flat[start : start + step].float()
+        full = chunk.numel() - chunk.numel() % blocksize
+        blocks = chunk[:full].view(-1, blocksize)
+        block_max = blocks.abs().amax(dim=1)
+        # bitsandbytes multiplies full blocks by 1/absmax but divides a final partial block by its
+        # absmax; the two can differ in the last bit, so we do exactly the same.
+        scaled = (blocks * (1.0 / block_max.clamp(min=1e-38)).unsqueeze(1)).view(-1)
+        if full < chunk.numel():
+            tail_max = chunk[full:].abs().amax()
+            scaled = torch.cat([scaled, chunk[full:] / tail_max.clamp(min=1e-38)])
+            block_max = torch.cat([block_max, tail_max.view(1)])
+        scaled.clamp_(-1, 1)
+        found = order[torch.bucketize(scaled, midpoints)]
+        indices[start : start + chunk.numel()] = found.to(indices.dtype)
+        absmax[start // blocksize : start // blocksize + block_max.numel()] = block_max
+    return indices, absmax
+
+
+def dequantize_blockwise(
+    indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> torch.Tensor:
+    """Undo :func:`quantize_blockwise`: ``code[index] * absmax`` of its block, in float32."""
+    values = code[indices.reshape(-1).long()]
+    n = values.numel()
+    pad = (-n) % blocksize
+    values = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize)
+    return (values * absmax.view(-1, 1)).view(-1)[:n]
+
+
+def pack_4bit(indices: torch.Tensor, pad_value: int = 0) -> torch.Tensor:
+    """Two 4-bit indices per byte, the first in the high nibble; an odd count is padded.
+
+    Returns a ``(bytes, 1)`` uint8 tensor, the layout of bitsandbytes' packed weights.
+    """
+    q = indices.reshape(-1).to(torch.uint8)
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_tensor([pad_value])])
+    return ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+
+
+def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Undo :func:`pack_4bit`: the first ``numel`` 4-bit indices, as uint8."""
+    flat = (
+        packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    )
+    return torch.stack([flat >> 4, flat & 0xF], dim=1).view(-1)[:numel]
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    compress_statistics: bool = True,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``A`` to 4 bits in blocks: ``(packed, state)``, byte for byte as bitsandbytes.
+
+    ``packed`` is a ``(ceil(numel / 2), 1)`` uint8 tensor; ``state`` a :class:`QuantState`.
+    With ``compress_statistics`` the absmax values are double-quantized to 8 bits
+    (:func:`qlora_edu.double_quant.quantize_absmax`). NaN or Inf raise ValueError, other dtypes
+    TypeError. An empty tensor gives an empty ``packed`` and no blocks. ``A`` is not modified.
+    Unlike bitsandbytes, whose default is FP4, the default here is NF4.
+    """
+    from qlora_edu.double_quant import quantize_absmax
+
+    check_input(A, blocksize)
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {list(QUANT_TYPES)}")
+    code = QUANT_TYPES[quant_type]
+    indices, absmax = quantize_blockwise(A, code, blocksize)
+    zero = int(torch.nonzero(code == 0)[0, 0])  # bitsandbytes pads an odd count with a zero value
+    packed = pack_4bit(indices, pad_value=zero)
+    state = QuantState(
+        absmax=absmax,
+        shape=A.shape,
+        code=code.clone(),
+        dtype=A.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+    )
+    if compress_statistics:
+        state.absmax, state.offset, state.state2 = quantize_absmax(absmax)
+    return packed, state
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """Undo :func:`quantize_4bit`: a tensor of the original shape and dtype."""
+    from qlora_edu.double_quant import dequantize_absmax
+
+    numel = math.prod(state.shape)
+    if packed.numel() * packed.element_size() != math.ceil(numel / 2):
+        raise ValueError(
+            f"packed tensor has {packed.numel() * packed.element_size()} bytes, but a state of "
+            f"shape {tuple(state.shape)} needs {math.ceil(numel / 2)}"
+        )
+    blocks = math.ceil(numel / state.blocksize)
+    if state.absmax.numel() != blocks:
+        raise ValueError(f"state has {state.absmax.numel()} absmax values for {blocks} blocks")
+    absmax = dequantize_absmax(state) if state.nested else state.absmax
+    # One lookup per byte: a 256 x 2 table holds the two code values every byte stands for.
+    code = state.code.float()
+    byte = torch.arange(256)
+    table = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+    values = table[packed.reshape(-1).view(torch.uint8).long()].view(-1)[:numel]
+    if numel % state.blocksize == 0:
+        values = (values.view(-1, state.blocksize) * absmax.view(-1, 1)).view(-1)
+    else:
+        values = values * absmax.repeat_interleave(state.blocksize)[:numel]
+    return values.view(state.shape).to(state.dtype)
+
+
+__all__ = [
+    "DYNAMIC_CODE",
+    "QuantState",
+    "SUPPORTED_BLOCKSIZES",
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "pack_4bit",
+    "quantize_4bit",
+    "quantize_blockwise",
+    "unpack_4bit",
+]

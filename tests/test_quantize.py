@@ -1,0 +1,215 @@
+"""Chapters 2-4: code books, blockwise 4-bit quantization and double quantization, against
+bitsandbytes' CPU backend (the installed version is the reference)."""
+
+import bitsandbytes.functional as bnb
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qlora_edu import (
+    FP4_CODE,
+    NF4_CODE,
+    QuantState,
+    create_normal_map,
+    dequantize_4bit,
+    quantize_4bit,
+)
+from qlora_edu.codebooks import DYNAMIC_CODE, create_dynamic_map
+from qlora_edu.double_quant import bits_per_parameter, dequantize_absmax
+from qlora_edu.quantize import SUPPORTED_BLOCKSIZES, pack_4bit, unpack_4bit
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def bnb_dequantize(packed, state):
+    """bitsandbytes' dequantization, on the original shape (its CPU kernel returns (1, n) for 1-D).
+
+    bitsandbytes 0.50's AVX-512 CPU kernel gets blocks wrong when a block is longer than the last
+    dimension (e.g. shape (2, 2, 64) with blocksize 128: errors of the size of the weights). There
+    we compare with bitsandbytes' own reference PyTorch kernel, which it uses on other CPUs.
+    """
+    if len(state.shape) > 1 and state.blocksize > state.shape[-1]:
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+        absmax = state.absmax
+        if state.nested:
+            absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        code = bnb.get_4bit_type(state.quant_type, device="cpu")
+        out = (
+            _dequantize_4bit_compute.__wrapped__
+            if hasattr(_dequantize_4bit_compute, "__wrapped__")
+            else _dequantize_4bit_compute
+        )
+        return out(
+            packed.reshape(-1), absmax.float(), code, state.blocksize, state.shape, state.dtype
+        )
+    return bnb.dequantize_4bit(packed, state).reshape(state.shape)
+
+
+def test_code_books_equal_bitsandbytes():
+    assert torch.equal(NF4_CODE, bnb.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(FP4_CODE, bnb.get_4bit_type("fp4", device="cpu"))
+    assert torch.equal(torch.signbit(FP4_CODE), torch.signbit(bnb.get_4bit_type("fp4", "cpu")))
+    assert torch.equal(DYNAMIC_CODE, bnb.create_dynamic_map(signed=True))
+    assert torch.equal(create_dynamic_map(signed=False), bnb.create_dynamic_map(signed=False))
+    for extra in (True, False):
+        theirs = bnb.create_normal_map(use_extra_value=extra).unique()
+        assert torch.equal(create_normal_map(use_extra_value=extra), theirs)
+
+
+def test_nf4_has_an_exact_zero_and_ends_at_plus_minus_one():
+    assert NF4_CODE.numel() == 16 and NF4_CODE[0] == -1 and NF4_CODE[-1] == 1
+    assert (NF4_CODE == 0).sum() == 1
+    assert torch.all(NF4_CODE[1:] > NF4_CODE[:-1])
+
+
+def test_packing_puts_the_first_value_in_the_high_nibble():
+    packed, _ = quantize_4bit(torch.tensor([1.0, -1.0]), compress_statistics=False)
+    assert packed.flatten().tolist() == [0xF0]
+
+
+@given(st.lists(st.integers(0, 15), min_size=0, max_size=300))
+def test_unpack_inverts_pack(values):
+    q = torch.tensor(values, dtype=torch.uint8)
+    assert torch.equal(unpack_4bit(pack_4bit(q), len(values)), q)
+
+
+shapes = st.one_of(
+    st.tuples(st.integers(1, 3000)),
+    st.tuples(st.integers(1, 40), st.integers(1, 200)),
+    # bitsandbytes' dequantize_4bit fails on 3-D tensors of one packed byte (it transposes)
+    st.tuples(st.integers(2, 4), st.integers(1, 10), st.integers(2, 70)),
+)
+
+
+def make_tensor(shape, dtype, seed, outlier, zero_block):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(shape, generator=g) * 10 ** (seed % 5 - 2)
+    flat = A.view(-1)
+    if outlier:
+        flat[seed % flat.numel()] *= 50  # stays finite in float16
+    if zero_block and flat.numel() > 130:
+        flat[64:128] = 0
+    return A.to(dtype)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(DTYPES),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    blocksize=st.sampled_from(SUPPORTED_BLOCKSIZES),
+    seed=st.integers(0, 10_000),
+    outlier=st.booleans(),
+    zero_block=st.booleans(),
+)
+def test_single_quantization_is_bit_identical(
+    shape, dtype, quant_type, blocksize, seed, outlier, zero_block
+):
+    A = make_tensor(shape, dtype, seed, outlier, zero_block)
+    before = A.clone()
+    kw = dict(blocksize=blocksize, quant_type=quant_type, compress_statistics=False)
+    ours, state = quantize_4bit(A, **kw)
+    theirs, bnb_state = bnb.quantize_4bit(A, **kw)
+    assert torch.equal(A, before)  # nothing modified in place
+    assert torch.equal(ours, theirs)
+    assert torch.equal(state.absmax, bnb_state.absmax)
+    result = dequantize_4bit(ours, state)
+    assert result.dtype == dtype and result.shape == A.shape
+    assert torch.equal(result, bnb_dequantize(theirs, bnb_state))
+    assert torch.equal(dequantize_4bit(theirs, QuantState.from_bnb(bnb_state)), result)
+    assert torch.equal(bnb_dequantize(ours, state.to_bnb()), result)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(DTYPES),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    blocksize=st.sampled_from(SUPPORTED_BLOCKSIZES),
+    seed=st.integers(0, 10_000),
+    outlier=st.booleans(),
+)
+def test_double_quantization_against_bitsandbytes(
+    shape, dtype, quant_type, blocksize, seed, outlier
+):
+    A = make_tensor(shape, dtype, seed, outlier, zero_block=False)
+    kw = dict(blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
+    ours, state = quantize_4bit(A, **kw)
+    theirs, bnb_state = bnb.quantize_4bit(A, **kw)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(state.offset, bnb_state.offset)
+    assert torch.equal(state.state2.absmax, bnb_state.state2.absmax)
+    assert torch.equal(state.state2.code, bnb_state.state2.code)
+    # The second level's 8-bit codes: ours are the nearest entries of the dynamic map. The CPU
+    # kernel of bitsandbytes 0.50 picks the neighbouring entry for a few values very close to
+    # the midpoint between two entries, and code 0 for a block whose values are all zero.
+    ours8, theirs8 = state.absmax.long(), bnb_state.absmax.long()
+    zero_blocks = (bnb_state.state2.absmax == 0).repeat_interleave(256)[: ours8.numel()]
+    differ = (ours8 != theirs8) & ~zero_blocks
+    assert int(differ.sum()) <= max(1, ours8.numel() // 50)
+    assert torch.all((ours8 - theirs8)[differ].abs() == 1)
+    ours_absmax, theirs_absmax = (
+        dequantize_absmax(state),
+        dequantize_absmax(QuantState.from_bnb(bnb_state)),
+    )
+    assert torch.equal(ours_absmax[~differ], theirs_absmax[~differ])
+    # Dequantization is exact both ways, whichever side quantized.
+    assert torch.equal(
+        dequantize_4bit(theirs, QuantState.from_bnb(bnb_state)), bnb_dequantize(theirs, bnb_state)
+    )
+    assert torch.equal(bnb_dequantize(ours, state.to_bnb()), dequantize_4bit(ours, state))
+
+
+def test_double_quantization_stores_4_127_bits_per_parameter():
+    A = torch.randn(4096, 4096)
+    single = bits_per_parameter(*quantize_4bit(A, compress_statistics=False))
+    double = bits_per_parameter(*quantize_4bit(A, compress_statistics=True))
+    assert single == 4.5
+    assert double == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-5)  # + the offset
+    assert round(double, 3) == 4.127
+
+
+def test_nf4_error_is_bounded_by_half_the_widest_gap():
+    A = torch.randn(1000, 64)
+    packed, state = quantize_4bit(A, compress_statistics=False)
+    error = (dequantize_4bit(packed, state) - A).abs()
+    widest = (NF4_CODE[1:] - NF4_CODE[:-1]).max() / 2
+    assert torch.all(error <= widest * state.absmax.view(-1, 1) + 1e-6)
+
+
+@pytest.mark.parametrize("bad,count,first", [((3, 5), 1, (3, 5)), ((0, 1), 2, (0, 1))])
+def test_nan_and_inf_are_refused_with_count_and_first_index(bad, count, first):
+    A = torch.randn(8, 16)
+    A[bad] = float("nan")
+    if count == 2:
+        A[6, 2] = float("inf")
+    with pytest.raises(ValueError, match=rf"{count} NaN.*index \({first[0]}, {first[1]}\)"):
+        quantize_4bit(A)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool, torch.complex64])
+def test_non_float_dtypes_are_refused(dtype):
+    with pytest.raises(TypeError, match="supported dtypes"):
+        quantize_4bit(torch.zeros(64, dtype=dtype))
+
+
+def test_unsupported_blocksize_lists_the_supported_ones():
+    with pytest.raises(ValueError, match="unsupported blocksize 100; supported: 32, 64"):
+        quantize_4bit(torch.randn(256), blocksize=100)
+
+
+def test_a_packed_tensor_that_does_not_match_its_state_is_refused():
+    packed, state = quantize_4bit(torch.randn(256))
+    with pytest.raises(ValueError, match="needs 128"):
+        dequantize_4bit(packed[:100], state)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_empty_tensor_round_trips(compress):
+    A = torch.empty(0, 8)
+    packed, state = quantize_4bit(A, compress_statistics=compress)
+    assert packed.numel() == 0 and state.absmax.numel() == 0
+    out = dequantize_4bit(packed, state)
+    assert out.shape == A.shape and out.dtype == A.dtype
