@@ -20,6 +20,7 @@ SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANT_TYPES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 CHUNK = 1 << 20  # values quantized at a time: bounds the extra memory to a few MB
+TABLE_SIZE = 1 << 16  # points of the lookup table of the "table" search
 
 
 @dataclass
@@ -98,40 +99,57 @@ def check_input(A: torch.Tensor, blocksize: int) -> None:
         )
 
 
+def _table(midpoints: torch.Tensor) -> torch.Tensor:
+    """For 65,536 evenly spaced points of [-1, 1], the index of the code book entry nearest each."""
+    i = torch.arange(TABLE_SIZE, dtype=torch.float32)
+    return torch.bucketize((i + i) / (TABLE_SIZE - 1) - 1.0, midpoints)
+
+
 def quantize_blockwise(
-    A: torch.Tensor, code: torch.Tensor, blocksize: int
+    A: torch.Tensor, code: torch.Tensor, blocksize: int, search: str = "nearest"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax quantization of ``A`` against any code book.
 
-    Returns ``(indices, absmax)``: for every value (flattened) the int64 index of the nearest
-    ``code`` entry after scaling its block by 1/absmax, and one float32 absmax per block (a final
-    partial block gets its own). The nearest entry is found with ``torch.bucketize`` on the
-    midpoints between neighbouring entries of the sorted code book: a value exactly on a midpoint
-    goes down. The work is done ``CHUNK`` values at a time, so no (values x 16) distance matrix and
-    no full-size float32 copy is ever made.
+    Returns ``(indices, absmax)``: for every value (flattened) the index of a ``code`` entry after
+    scaling its block by 1/absmax, and one float32 absmax per block (a final partial block gets its
+    own). How the entry is found, mirroring the two kernels of bitsandbytes:
+
+    - ``"nearest"`` (its 4-bit kernel): ``torch.bucketize`` on the midpoints between neighbouring
+      entries of the sorted code book: the nearest entry (a value on a midpoint goes down).
+    - ``"table"`` (its 8-bit CPU kernel): a table of the nearest entry for 65,536 evenly spaced
+      points of [-1, 1], read at the point nearest the value. Faster, but a value within half a
+      table step (1.5e-5) of a midpoint can get the neighbouring entry; an all-zero block gets
+      entry 0.
+
+    The work is done ``CHUNK`` values at a time, so no (values x 16) distance matrix and no
+    full-size float32 copy is ever made.
     """
     sorted_code, order = torch.sort(code, stable=True)
     midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
+    table = _table(midpoints) if search == "table" else None
     flat = A.reshape(-1)
     n = flat.numel()
-    indices = torch.empty(n, dtype=torch.uint8 if code.numel() <= 256 else torch.int64)
+    indices = torch.empty(n, dtype=torch.uint8)
     absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32)
     step = max(CHUNK // blocksize, 1) * blocksize
     for start in range(0, n, step):
         chunk = flat[start : start + step].float()
-        full = chunk.numel() - chunk.numel() % blocksize
-        blocks = chunk[:full].view(-1, blocksize)
+        tail = chunk.numel() % blocksize
+        blocks = torch.nn.functional.pad(chunk, (0, (-tail) % blocksize)).view(-1, blocksize)
         block_max = blocks.abs().amax(dim=1)
-        # bitsandbytes multiplies full blocks by 1/absmax but divides a final partial block by its
-        # absmax; the two can differ in the last bit, so we do exactly the same.
-        scaled = (blocks * (1.0 / block_max.clamp(min=1e-38)).unsqueeze(1)).view(-1)
-        if full < chunk.numel():
-            tail_max = chunk[full:].abs().amax()
-            scaled = torch.cat([scaled, chunk[full:] / tail_max.clamp(min=1e-38)])
-            block_max = torch.cat([block_max, tail_max.view(1)])
-        scaled.clamp_(-1, 1)
-        found = order[torch.bucketize(scaled, midpoints)]
-        indices[start : start + chunk.numel()] = found.to(indices.dtype)
+        scaled = blocks * (1.0 / block_max.clamp(min=1e-38)).unsqueeze(1)
+        if tail and search == "nearest":
+            # bitsandbytes' 4-bit kernel divides a final partial block by its absmax instead of
+            # multiplying by 1/absmax; the two can differ in the last bit, so we do the same.
+            scaled[-1, :tail] = chunk[-tail:] / block_max[-1].clamp(min=1e-38)
+        scaled = scaled.clamp_(-1, 1).view(-1)[: chunk.numel()]
+        if table is None:
+            found = torch.bucketize(scaled, midpoints)
+        else:
+            point = ((scaled + 1.0) * 0.5).double() * (TABLE_SIZE - 1) + 0.5  # as the kernel's fma
+            found = table[point.float().long()]
+            found[(block_max == 0).repeat_interleave(blocksize)[: chunk.numel()]] = 0
+        indices[start : start + chunk.numel()] = order[found].to(torch.uint8)
         absmax[start // blocksize : start // blocksize + block_max.numel()] = block_max
     return indices, absmax
 
