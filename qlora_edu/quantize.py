@@ -9,7 +9,9 @@ the high nibble. Double quantization of the absmax values lives in :mod:`qlora_e
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +22,10 @@ SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANT_TYPES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 CHUNK = 1 << 20  # values quantized at a time: bounds the extra memory to a few MB
-TABLE_SIZE = 1 << 16  # points of the lookup table of the "table" search
+TABLE_SIZE = 1 << 16
+assert sys.byteorder == "little", (
+    "dequantize_4bit reads packed bytes as little-endian words"
+)  # points of the lookup table of the "table" search
 
 
 @dataclass
@@ -125,6 +130,7 @@ def quantize_blockwise(
     full-size float32 copy is ever made.
     """
     sorted_code, order = torch.sort(code, stable=True)
+    is_sorted = torch.equal(order, torch.arange(code.numel()))
     midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
     table = _table(midpoints) if search == "table" else None
     flat = A.reshape(-1)
@@ -144,12 +150,14 @@ def quantize_blockwise(
             scaled[-1, :tail] = chunk[-tail:] / block_max[-1].clamp(min=1e-38)
         scaled = scaled.clamp_(-1, 1).view(-1)[: chunk.numel()]
         if table is None:
-            found = torch.bucketize(scaled, midpoints)
+            found = torch.bucketize(scaled, midpoints, out_int32=True)
         else:
             point = ((scaled + 1.0) * 0.5).double() * (TABLE_SIZE - 1) + 0.5  # as the kernel's fma
             found = table[point.float().long()]
             found[(block_max == 0).repeat_interleave(blocksize)[: chunk.numel()]] = 0
-        indices[start : start + chunk.numel()] = order[found].to(torch.uint8)
+        if not is_sorted:  # FP4's code book is ordered by bit pattern, not by value
+            found = order[found]
+        indices[start : start + chunk.numel()] = found
         absmax[start // blocksize : start // blocksize + block_max.numel()] = block_max
     return indices, absmax
 
@@ -220,6 +228,15 @@ def quantize_4bit(
     return packed, state
 
 
+@functools.lru_cache(maxsize=8)
+def _word_table(code: tuple[float, ...]) -> torch.Tensor:
+    """The four code values each 16-bit word of packed data stands for (little-endian bytes)."""
+    c = torch.tensor(code, dtype=torch.float32)
+    word = torch.arange(1 << 16)
+    first, second = word & 0xFF, word >> 8  # the first byte is the low one in memory
+    return torch.stack([c[first >> 4], c[first & 0xF], c[second >> 4], c[second & 0xF]], dim=1)
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """Undo :func:`quantize_4bit`: a tensor of the original shape and dtype."""
     from qlora_edu.double_quant import dequantize_absmax
@@ -234,16 +251,29 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     if state.absmax.numel() != blocks:
         raise ValueError(f"state has {state.absmax.numel()} absmax values for {blocks} blocks")
     absmax = dequantize_absmax(state) if state.nested else state.absmax
-    # One lookup per byte: a 256 x 2 table holds the two code values every byte stands for.
-    code = state.code.float()
-    byte = torch.arange(256)
-    table = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
-    values = table[packed.reshape(-1).view(torch.uint8).long()].view(-1)[:numel]
-    if numel % state.blocksize == 0:
-        values = (values.view(-1, state.blocksize) * absmax.view(-1, 1)).view(-1)
-    else:
-        values = values * absmax.repeat_interleave(state.blocksize)[:numel]
-    return values.view(state.shape).to(state.dtype)
+    # Four codes per 16-bit word: one lookup in a table of all 65,536 words gives four values.
+    table = _word_table(tuple(state.code.tolist()))
+    size = state.blocksize * blocks
+    data = packed.reshape(-1).view(torch.uint8)
+    data = torch.nn.functional.pad(data, (0, 2 * math.ceil(size / 4) - data.numel()))
+    words = data.view(torch.int16).int() & 0xFFFF
+    out = torch.empty(4 * words.numel(), dtype=state.dtype)
+    if state.dtype == torch.float32:  # look up straight into the output, then scale it in place
+        torch.index_select(table, 0, words, out=out.view(-1, 4))
+        out[:size].view(-1, state.blocksize).mul_(absmax.view(-1, 1))
+    else:  # 16-bit output: chunks of whole blocks, so the float32 values stay in cache
+        step = max(CHUNK // 4 // state.blocksize, 1) * state.blocksize  # values per chunk
+        buffer = torch.empty(step // 4, 4)
+        for start in range(0, size, step):
+            count = min(step, size - start)
+            values = buffer[: count // 4]
+            torch.index_select(table, 0, words[start // 4 : (start + count) // 4], out=values)
+            scale = absmax[start // state.blocksize : (start + count) // state.blocksize]
+            # multiply in float32 and round once to the output dtype, as bitsandbytes does
+            target = out[start : start + count].view(-1, state.blocksize)
+            torch.mul(values.view(-1, state.blocksize), scale.view(-1, 1), out=target)
+    out = out[:numel].view(state.shape)
+    return out if size == numel else out.clone()
 
 
 __all__ = [
