@@ -1,11 +1,13 @@
 """qlora_edu: the pieces of QLoRA built from scratch, one module per chapter.
 
 - :mod:`qlora_edu.memory` (Chapter 1): parameter counts and the finetuning memory calculator.
+- :mod:`qlora_edu.basics` (Chapter 2): integer absmax and zero-point quantization, error metrics.
 - :mod:`qlora_edu.codebooks` (Chapters 3-4): NF4, FP4, INT4 and the 8-bit dynamic map.
 - :mod:`qlora_edu.quantize` (Chapters 2-3): blockwise absmax quantization, 4-bit packing.
 - :mod:`qlora_edu.double_quant` (Chapter 4): quantizing the absmax constants.
 """
 
+from qlora_edu.basics import error_metrics
 from qlora_edu.codebooks import FP4_CODE, INT4_CODE, NF4_CODE, create_dynamic_map, create_normal_map
 from qlora_edu.memory import (
     ARCHITECTURES,
@@ -17,7 +19,7 @@ from qlora_edu.memory import (
     quantized_nbytes,
 )
 from qlora_edu.plotting import use_book_style
-from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit
+from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit, quantize_roundtrip
 
 __all__ = [
     "FP4_CODE",
@@ -27,7 +29,9 @@ __all__ = [
     "create_dynamic_map",
     "create_normal_map",
     "dequantize_4bit",
+    "error_metrics",
     "quantize_4bit",
+    "quantize_roundtrip",
     "ARCHITECTURES",
     "ParameterCount",
     "count_parameters",

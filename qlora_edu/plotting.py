@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib as mpl
 
 BOOK_STYLE = {
@@ -21,8 +23,10 @@ BOOK_STYLE = {
 
 
 def use_book_style() -> None:
-    """Apply the book's matplotlib settings (sizes, grid, no top/right spines)."""
+    """Apply the book's matplotlib settings (sizes, grid, no top/right spines), and silence tqdm's
+    notice that Jupyter widgets are missing (transformers imports tqdm; the book shows no bars)."""
     mpl.rcParams.update(BOOK_STYLE)
+    warnings.filterwarnings("ignore", message="IProgress not found")
 
 
 GIB = 1024**3

@@ -276,6 +276,19 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     return out if size == numel else out.clone()
 
 
+def quantize_roundtrip(
+    A: torch.Tensor, code: torch.Tensor | str = "nf4", blocksize: int = 64
+) -> torch.Tensor:
+    """``A`` quantized blockwise against ``code`` (a code book or "nf4", "fp4", "int4") and back:
+    what a layer computes with after quantization, to measure the error of a code book."""
+    from qlora_edu.codebooks import CODE_BOOKS
+
+    check_input(A, blocksize)
+    code = CODE_BOOKS[code] if isinstance(code, str) else code
+    indices, absmax = quantize_blockwise(A, code, blocksize)
+    return dequantize_blockwise(indices, absmax, code, blocksize).view(A.shape).to(A.dtype)
+
+
 __all__ = [
     "DYNAMIC_CODE",
     "QuantState",
@@ -285,5 +298,6 @@ __all__ = [
     "pack_4bit",
     "quantize_4bit",
     "quantize_blockwise",
+    "quantize_roundtrip",
     "unpack_4bit",
 ]

@@ -47,6 +47,18 @@ def test_stored_outputs_come_from_one_clean_run(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
+def test_stored_outputs_name_no_local_paths(path):
+    texts = [
+        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+        for c in read(path).cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    ]
+    leaks = [t for t in texts if re.search(r"site-packages|/home/|/root/|/tmp/|/work/", t)]
+    assert not leaks, leaks[0][:200]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
 def test_first_cell_is_the_colab_setup_cell(path):
     nb = read(path)
     assert nb.cells[0].cell_type == "code"
