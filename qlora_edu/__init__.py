@@ -5,10 +5,15 @@
 - :mod:`qlora_edu.codebooks` (Chapters 3-4): NF4, FP4, INT4 and the 8-bit dynamic map.
 - :mod:`qlora_edu.quantize` (Chapters 2-3): blockwise absmax quantization, 4-bit packing.
 - :mod:`qlora_edu.double_quant` (Chapter 4): quantizing the absmax constants.
+- :mod:`qlora_edu.lora` (Chapter 5): LoRA adapters and ``LoRALinear``.
+- :mod:`qlora_edu.qlora`, :mod:`qlora_edu.model`, :mod:`qlora_edu.adapters` (Chapter 6): the QLoRA
+  layer, model surgery, adapters in PEFT's format.
 """
 
+from qlora_edu.adapters import load_adapter, save_adapter
 from qlora_edu.basics import error_metrics
 from qlora_edu.codebooks import FP4_CODE, INT4_CODE, NF4_CODE, create_dynamic_map, create_normal_map
+from qlora_edu.lora import LoRALinear
 from qlora_edu.memory import (
     ARCHITECTURES,
     ParameterCount,
@@ -18,10 +23,18 @@ from qlora_edu.memory import (
     measure_training_step,
     quantized_nbytes,
 )
+from qlora_edu.model import get_qlora_model, prepare_model_for_kbit_training
 from qlora_edu.plotting import use_book_style
+from qlora_edu.qlora import QLoRALinear
 from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit, quantize_roundtrip
 
 __all__ = [
+    "LoRALinear",
+    "QLoRALinear",
+    "get_qlora_model",
+    "load_adapter",
+    "prepare_model_for_kbit_training",
+    "save_adapter",
     "FP4_CODE",
     "INT4_CODE",
     "NF4_CODE",

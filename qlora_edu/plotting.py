@@ -23,10 +23,18 @@ BOOK_STYLE = {
 
 
 def use_book_style() -> None:
-    """Apply the book's matplotlib settings (sizes, grid, no top/right spines), and silence tqdm's
-    notice that Jupyter widgets are missing (transformers imports tqdm; the book shows no bars)."""
+    """The book's settings for what a chapter prints: matplotlib's style (sizes, grid, no top and
+    right spines), and no progress bars or deprecation notices from transformers, whose timings
+    would change every run (tqdm's notice that Jupyter widgets are missing included)."""
     mpl.rcParams.update(BOOK_STYLE)
     warnings.filterwarnings("ignore", message="IProgress not found")
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6")
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
 
 GIB = 1024**3

@@ -79,14 +79,21 @@ def strip_solutions(nb):
 
 
 def solution_texts(nb) -> list[str]:
-    """The distinctive text of each solution cell: what must never reach a student."""
-    texts = []
-    for a, b in solution_spans(nb):
-        for cell in nb.cells[a : b + 1]:
-            lines = [
-                line.strip()
-                for line in cell.source.splitlines()
-                if len(line.strip()) > 25 and "solution-" not in line and ":class:" not in line
-            ]
-            texts += lines
-    return texts
+    """The distinctive lines of the solution cells (those that appear nowhere else in the
+    chapter): what must never reach a student."""
+    inside = {i for a, b in solution_spans(nb) for i in range(a, b + 1)}
+    elsewhere = {
+        line.strip()
+        for i, cell in enumerate(nb.cells)
+        if i not in inside
+        for line in cell.source.splitlines()
+    }
+    return [
+        line.strip()
+        for i in sorted(inside)
+        for line in nb.cells[i].source.splitlines()
+        if len(line.strip()) > 25
+        and line.strip() not in elsewhere
+        and "solution-" not in line
+        and ":class:" not in line
+    ]
