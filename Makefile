@@ -58,6 +58,7 @@ test: lint unit nbval browser
 
 bench: env
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/qlora_linear.py
 
 clean:
 	rm -rf _build

@@ -82,12 +82,7 @@ def solution_texts(nb) -> list[str]:
     """The distinctive lines of the solution cells (those that appear nowhere else in the
     chapter): what must never reach a student."""
     inside = {i for a, b in solution_spans(nb) for i in range(a, b + 1)}
-    elsewhere = {
-        line.strip()
-        for i, cell in enumerate(nb.cells)
-        if i not in inside
-        for line in cell.source.splitlines()
-    }
+    elsewhere = "\n".join(cell.source for i, cell in enumerate(nb.cells) if i not in inside)
     return [
         line.strip()
         for i in sorted(inside)
