@@ -8,6 +8,7 @@
 - :mod:`qlora_edu.lora` (Chapter 5): LoRA adapters and ``LoRALinear``.
 - :mod:`qlora_edu.qlora`, :mod:`qlora_edu.model`, :mod:`qlora_edu.adapters` (Chapter 6): the QLoRA
   layer, model surgery, adapters in PEFT's format.
+- :mod:`qlora_edu.paging` (Chapter 7): a simulated accelerator with paging, and ``PagedAdamW``.
 """
 
 from qlora_edu.adapters import load_adapter, save_adapter
@@ -24,11 +25,14 @@ from qlora_edu.memory import (
     quantized_nbytes,
 )
 from qlora_edu.model import get_qlora_model, prepare_model_for_kbit_training
+from qlora_edu.paging import PagedAdamW, SimulatedDevice
 from qlora_edu.plotting import use_book_style
 from qlora_edu.qlora import QLoRALinear
 from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit, quantize_roundtrip
 
 __all__ = [
+    "PagedAdamW",
+    "SimulatedDevice",
     "LoRALinear",
     "QLoRALinear",
     "get_qlora_model",

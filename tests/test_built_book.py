@@ -87,8 +87,13 @@ def _heading(browser):
 
 
 def test_index_loads_with_the_book_title(browser, site):
+    from selenium.webdriver.support.ui import WebDriverWait
+
     browser.get(f"{site}/index.html")
-    assert browser.current_url.endswith("book/intro.html")  # index.html redirects to the preface
+    # index.html redirects to the preface; wait until the preface has loaded
+    WebDriverWait(browser, 20).until(
+        lambda b: b.current_url.endswith("book/intro.html") and _heading(b)
+    )
     assert "QLoRA from Scratch" in browser.title
     assert _heading(browser) == "QLoRA from Scratch"
 

@@ -1,0 +1,218 @@
+"""Paged optimizers, simulated (Chapter 7).
+
+bitsandbytes allocates paged optimizer state with CUDA unified memory: when the GPU runs out, the
+driver evicts pages to CPU RAM and pages them back when they are touched; before each parameter's
+update bitsandbytes prefetches its state. That needs a GPU. This module shows the same mechanism on
+any machine with a *simulated* accelerator that accounts for every allocation in bytes:
+
+- ``SimulatedDevice``: a fixed capacity, a page size, a host link (bandwidth, latency). Ordinary
+  allocations (weights, gradients, activations) stay put; paged allocations live in pages that are
+  evicted least-recently-used first when something else needs the room, and paged back in when
+  touched. It counts faults, bytes moved each way, transfer seconds and the peak bytes in use.
+- ``PagedAdamW``: ``torch.optim.AdamW`` whose state is registered as paged allocations of that
+  device and prefetched before each update. The arithmetic is AdamW's own, so the parameters stay
+  bit-identical to ``torch.optim.AdamW``: paging changes where the state lives, not the result.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+class SimulatedOOM(RuntimeError):
+    """The simulated device could not make room for an allocation."""
+
+
+@dataclass
+class TransferStats:
+    faults: int = 0  # pages brought back to the device
+    evictions: int = 0  # pages sent to the host
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    seconds: float = 0.0  # simulated transfer time
+
+
+class SimulatedDevice:
+    """An accelerator's memory, simulated: capacity, pages, and a host link."""
+
+    def __init__(
+        self,
+        capacity: int,
+        page_size: int = 2 * 2**20,
+        bandwidth: float = 25e9,
+        latency: float = 10e-6,
+        paging: bool = True,
+    ):
+        if capacity <= 0 or page_size <= 0 or bandwidth <= 0 or latency < 0:
+            raise ValueError(
+                "capacity, page_size and bandwidth must be positive and latency non-negative; got "
+                f"capacity={capacity}, page_size={page_size}, bandwidth={bandwidth}, "
+                f"latency={latency}"
+            )
+        self.capacity, self.page_size = capacity, page_size
+        self.bandwidth, self.latency, self.paging = bandwidth, latency, paging
+        self.fixed: dict[str, int] = {}  # name -> bytes, never moved
+        self.paged: dict[str, list[int]] = {}  # name -> size of each of its pages
+        self.resident: OrderedDict[tuple[str, int], int] = OrderedDict()  # LRU first
+        self.stats = TransferStats()
+        self.peak = 0
+
+    @property
+    def used(self) -> int:
+        return sum(self.fixed.values()) + sum(self.resident.values())
+
+    def _check_size(self, name: str, nbytes: int) -> None:
+        if nbytes <= 0:
+            raise ValueError(f"allocation {name!r} must have a positive size, got {nbytes}")
+        if nbytes > self.capacity:
+            raise ValueError(
+                f"allocation {name!r} of {nbytes:,} bytes can never fit a device of "
+                f"{self.capacity:,} bytes"
+            )
+
+    def _transfer(self, nbytes: int) -> None:
+        self.stats.seconds += self.latency + nbytes / self.bandwidth
+
+    def _make_room(self, nbytes: int, keep: str | None = None) -> None:
+        """Evict least-recently-used pages (not those of ``keep``) until ``nbytes`` fit."""
+        for key in list(self.resident):
+            if self.capacity - self.used >= nbytes:
+                break
+            if key[0] != keep:
+                size = self.resident.pop(key)
+                self.stats.evictions += 1
+                self.stats.bytes_to_host += size
+                self._transfer(size)
+        available = self.capacity - self.used
+        if available < nbytes:
+            raise SimulatedOOM(
+                f"out of memory: {nbytes:,} bytes needed, {available:,} available "
+                f"of {self.capacity:,} ({self.used:,} in use)"
+            )
+
+    def _record_peak(self) -> None:
+        self.peak = max(self.peak, self.used)
+
+    def allocate(self, name: str, nbytes: int) -> None:
+        """An ordinary allocation (weights, gradients, activations): it never moves."""
+        self._check_size(name, nbytes)
+        self._make_room(nbytes)  # without paging nothing is resident-and-pageable: no eviction
+        self.fixed[name] = nbytes
+        self._record_peak()
+
+    def allocate_paged(self, name: str, nbytes: int) -> None:
+        """A paged allocation, created on the device. Without paging it is an ordinary one."""
+        if not self.paging:
+            return self.allocate(name, nbytes)
+        self._check_size(name, nbytes)
+        pages = [self.page_size] * (nbytes // self.page_size)
+        if nbytes % self.page_size:
+            pages.append(nbytes % self.page_size)
+        self.paged[name] = pages
+        self._make_room(nbytes, keep=name)
+        for index, size in enumerate(pages):
+            self.resident[(name, index)] = size
+        self._record_peak()
+
+    def touch(self, name: str, prefetch: bool = True) -> None:
+        """Make all pages of ``name`` resident, paging in those on the host.
+
+        With ``prefetch`` the missing pages come over in one transfer (one latency), as when
+        bitsandbytes prefetches a parameter's state before its update; without it each page
+        faults on its own.
+        """
+        if name not in self.paged:
+            return
+        missing = 0
+        for index, size in enumerate(self.paged[name]):
+            key = (name, index)
+            if key in self.resident:
+                self.resident.move_to_end(key)
+                continue
+            self._make_room(size, keep=name)
+            self.resident[key] = size
+            self.stats.faults += 1
+            self.stats.bytes_to_device += size
+            missing += size
+            if not prefetch:
+                self._transfer(size)
+        if prefetch and missing:
+            self._transfer(missing)
+        self._record_peak()
+
+    def free(self, name: str) -> None:
+        self.fixed.pop(name, None)
+        for index in range(len(self.paged.pop(name, []))):
+            self.resident.pop((name, index), None)
+
+
+class PagedAdamW(torch.optim.AdamW):
+    """AdamW whose state lives in paged allocations of a :class:`SimulatedDevice`.
+
+    Each parameter's two float32 moments are registered as one paged allocation when the state is
+    created, and touched (prefetched) just before the parameter's update. As in bitsandbytes, only
+    the state of parameters with at least ``min_paged_numel`` elements is paged; smaller states
+    are ordinary allocations. The update itself is ``torch.optim.AdamW``'s.
+    """
+
+    def __init__(self, params, device: SimulatedDevice, min_paged_numel: int = 100_000, **kwargs):
+        super().__init__(params, foreach=False, **kwargs)
+        self.device, self.min_paged_numel = device, min_paged_numel
+        self.names: dict[int, str] = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                name = self.names.setdefault(id(p), f"adamw state {len(self.names)}")
+                if name not in self.device.fixed and name not in self.device.paged:
+                    nbytes = 2 * p.numel() * 4  # exp_avg and exp_avg_sq in float32
+                    if p.numel() >= self.min_paged_numel:
+                        self.device.allocate_paged(name, nbytes)
+                    else:
+                        self.device.allocate(name, nbytes)
+                self.device.touch(name)
+        return super().step(closure)
+
+
+def simulate_steps(
+    device: SimulatedDevice,
+    static: dict[str, int],
+    states: dict[str, int],
+    activations: list[int],
+) -> tuple[list[dict], int | None]:
+    """Replay a training run on ``device`` with sizes in bytes, no tensors needed.
+
+    ``static`` (weights, adapters, gradients) is allocated once, ``states`` (the optimizer's, one
+    per parameter) as paged allocations. Each step allocates its activations, frees them after the
+    backward pass, then touches every state for the update. Returns one record per completed step
+    (peak bytes in use, page faults, transfer seconds) and the index of the step that ran out of
+    memory, or None.
+    """
+    for name, nbytes in static.items():
+        device.allocate(name, nbytes)
+    for name, nbytes in states.items():
+        device.allocate_paged(name, nbytes)
+    records = []
+    for step, nbytes in enumerate(activations):
+        device.peak, before = device.used, TransferStats(**vars(device.stats))
+        try:
+            device.allocate("activations", nbytes)
+        except SimulatedOOM:
+            return records, step
+        device.free("activations")
+        for name in states:
+            device.touch(name)
+        records.append(
+            {
+                "peak": device.peak,
+                "faults": device.stats.faults - before.faults,
+                "seconds": device.stats.seconds - before.seconds,
+            }
+        )
+    return records, None
