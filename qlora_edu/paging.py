@@ -57,12 +57,9 @@ class SimulatedDevice:
         self.fixed: dict[str, int] = {}  # name -> bytes, never moved
         self.paged: dict[str, list[int]] = {}  # name -> size of each of its pages
         self.resident: OrderedDict[tuple[str, int], int] = OrderedDict()  # LRU first
+        self.used = 0  # bytes on the device: fixed allocations plus resident pages
         self.stats = TransferStats()
         self.peak = 0
-
-    @property
-    def used(self) -> int:
-        return sum(self.fixed.values()) + sum(self.resident.values())
 
     def _check_size(self, name: str, nbytes: int) -> None:
         if nbytes <= 0:
@@ -78,14 +75,19 @@ class SimulatedDevice:
 
     def _make_room(self, nbytes: int, keep: str | None = None) -> None:
         """Evict least-recently-used pages (not those of ``keep``) until ``nbytes`` fit."""
-        for key in list(self.resident):
-            if self.capacity - self.used >= nbytes:
-                break
-            if key[0] != keep:
-                size = self.resident.pop(key)
-                self.stats.evictions += 1
-                self.stats.bytes_to_host += size
-                self._transfer(size)
+        kept = []
+        while self.capacity - self.used < nbytes and self.resident:
+            key, size = self.resident.popitem(last=False)
+            if key[0] == keep:
+                kept.append((key, size))
+                continue
+            self.used -= size
+            self.stats.evictions += 1
+            self.stats.bytes_to_host += size
+            self._transfer(size)
+        for key, size in reversed(kept):  # back to their place at the old end of the order
+            self.resident[key] = size
+            self.resident.move_to_end(key, last=False)
         available = self.capacity - self.used
         if available < nbytes:
             raise SimulatedOOM(
@@ -101,6 +103,7 @@ class SimulatedDevice:
         self._check_size(name, nbytes)
         self._make_room(nbytes)  # without paging nothing is resident-and-pageable: no eviction
         self.fixed[name] = nbytes
+        self.used += nbytes
         self._record_peak()
 
     def allocate_paged(self, name: str, nbytes: int) -> None:
@@ -115,6 +118,7 @@ class SimulatedDevice:
         self._make_room(nbytes, keep=name)
         for index, size in enumerate(pages):
             self.resident[(name, index)] = size
+        self.used += nbytes
         self._record_peak()
 
     def touch(self, name: str, prefetch: bool = True) -> None:
@@ -134,6 +138,7 @@ class SimulatedDevice:
                 continue
             self._make_room(size, keep=name)
             self.resident[key] = size
+            self.used += size
             self.stats.faults += 1
             self.stats.bytes_to_device += size
             missing += size
@@ -144,9 +149,9 @@ class SimulatedDevice:
         self._record_peak()
 
     def free(self, name: str) -> None:
-        self.fixed.pop(name, None)
+        self.used -= self.fixed.pop(name, 0)
         for index in range(len(self.paged.pop(name, []))):
-            self.resident.pop((name, index), None)
+            self.used -= self.resident.pop((name, index), 0)
 
 
 class PagedAdamW(torch.optim.AdamW):
