@@ -32,7 +32,7 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Q
     state2 = QuantState(
         absmax=absmax2,
         shape=None,
-        code=DYNAMIC_CODE.clone(),
+        code=DYNAMIC_CODE.to(absmax.device, copy=True),
         dtype=torch.float32,
         blocksize=NESTED_BLOCKSIZE,
     )

@@ -106,7 +106,7 @@ def check_input(A: torch.Tensor, blocksize: int) -> None:
 
 def _table(midpoints: torch.Tensor) -> torch.Tensor:
     """For 65,536 evenly spaced points of [-1, 1], the index of the code book entry nearest each."""
-    i = torch.arange(TABLE_SIZE, dtype=torch.float32)
+    i = torch.arange(TABLE_SIZE, dtype=torch.float32, device=midpoints.device)
     return torch.bucketize((i + i) / (TABLE_SIZE - 1) - 1.0, midpoints)
 
 
@@ -129,14 +129,15 @@ def quantize_blockwise(
     The work is done ``CHUNK`` values at a time, so no (values x 16) distance matrix and no
     full-size float32 copy is ever made.
     """
+    code = code.to(A.device)
     sorted_code, order = torch.sort(code, stable=True)
-    is_sorted = torch.equal(order, torch.arange(code.numel()))
+    is_sorted = torch.equal(order, torch.arange(code.numel(), device=A.device))
     midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
     table = _table(midpoints) if search == "table" else None
     flat = A.reshape(-1)
     n = flat.numel()
-    indices = torch.empty(n, dtype=torch.uint8)
-    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32)
+    indices = torch.empty(n, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=A.device)
     step = max(CHUNK // blocksize, 1) * blocksize
     for start in range(0, n, step):
         chunk = flat[start : start + step].float()
@@ -166,7 +167,7 @@ def dequantize_blockwise(
     indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> torch.Tensor:
     """Undo :func:`quantize_blockwise`: ``code[index] * absmax`` of its block, in float32."""
-    values = code[indices.reshape(-1).long()]
+    values = code.to(indices.device)[indices.reshape(-1).long()]
     n = values.numel()
     pad = (-n) % blocksize
     values = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize)
@@ -218,7 +219,7 @@ def quantize_4bit(
     state = QuantState(
         absmax=absmax,
         shape=A.shape,
-        code=code.clone(),
+        code=code.to(A.device, copy=True),
         dtype=A.dtype,
         blocksize=blocksize,
         quant_type=quant_type,
@@ -257,13 +258,14 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     data = packed.reshape(-1).view(torch.uint8)
     data = torch.nn.functional.pad(data, (0, 2 * math.ceil(size / 4) - data.numel()))
     words = data.view(torch.int16).int() & 0xFFFF
-    out = torch.empty(4 * words.numel(), dtype=state.dtype)
+    table = table.to(packed.device)
+    out = torch.empty(4 * words.numel(), dtype=state.dtype, device=packed.device)
     if state.dtype == torch.float32:  # look up straight into the output, then scale it in place
         torch.index_select(table, 0, words, out=out.view(-1, 4))
         out[:size].view(-1, state.blocksize).mul_(absmax.view(-1, 1))
     else:  # 16-bit output: chunks of whole blocks, so the float32 values stay in cache
         step = max(CHUNK // 4 // state.blocksize, 1) * state.blocksize  # values per chunk
-        buffer = torch.empty(step // 4, 4)
+        buffer = torch.empty(step // 4, 4, device=packed.device)
         for start in range(0, size, step):
             count = min(step, size - start)
             values = buffer[: count // 4]
