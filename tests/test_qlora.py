@@ -19,7 +19,6 @@ from qlora_edu import (
     quantize_4bit,
     save_adapter,
 )
-from qlora_edu.adapters import PREFIX
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -289,4 +288,3 @@ def test_explicit_target_modules():
         "lora_A",
         "lora_B",
     }
-    assert PREFIX == "base_model.model."
