@@ -74,7 +74,23 @@ def browser():
 
 
 def _open(browser, site, page):
-    browser.get(f"{site}/{page}.html")
+    """Load a page and wait until it has rendered its heading (retrying once on a slow machine)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = f"{site}/{page}.html"
+    for attempt in range(2):
+        browser.get(url)
+        try:
+            WebDriverWait(browser, 20).until(
+                lambda b: b.current_url == url
+                and b.execute_script("return document.readyState") == "complete"
+                and _heading(b)
+            )
+            return browser
+        except TimeoutException:
+            if attempt:
+                raise
     return browser
 
 
