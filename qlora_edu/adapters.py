@@ -71,6 +71,21 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         k.replace(".default.", "."): v
         for k, v in load_file(path / "adapter_model.safetensors").items()
     }
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAAdapter):
+            if (module.r, module.lora_alpha) != (config["r"], config["lora_alpha"]):
+                raise ValueError(
+                    f"{name}: adapter has r={config['r']}, lora_alpha={config['lora_alpha']}; "
+                    f"the layer r={module.r}, lora_alpha={module.lora_alpha}"
+                )
+    return load_lora_state_dict(model, saved, rank=config.get("r"))
+
+
+def load_lora_state_dict(
+    model: nn.Module, saved: dict[str, torch.Tensor], rank: int | None = None
+) -> nn.Module:
+    """Copy LoRA weights keyed as :func:`lora_state_dict` keys them into ``model``, after checking
+    that every key and shape fits (ValueError otherwise, with the model left untouched)."""
     ours = lora_state_dict(model)
     missing, unexpected = sorted(set(ours) - set(saved)), sorted(set(saved) - set(ours))
     if missing or unexpected:
@@ -83,15 +98,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             expected = tuple(ours[key].shape)
             raise ValueError(
                 f"{key}: adapter has shape {tuple(tensor.shape)}, the model {expected}"
-                f" (adapter rank {config.get('r')})"
+                f" (adapter rank {rank})"
             )
-    for name, module in model.named_modules():
-        if isinstance(module, LoRAAdapter):
-            if (module.r, module.lora_alpha) != (config["r"], config["lora_alpha"]):
-                raise ValueError(
-                    f"{name}: adapter has r={config['r']}, lora_alpha={config['lora_alpha']}; "
-                    f"the layer r={module.r}, lora_alpha={module.lora_alpha}"
-                )
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, LoRAAdapter):

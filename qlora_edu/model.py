@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlora_edu.lora import check_lora_args
+from qlora_edu.lora import LoRALinear, check_lora_args
 from qlora_edu.qlora import QLoRALinear
+from qlora_edu.quantize import dequantize_4bit, quantize_4bit
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -31,7 +32,7 @@ def get_qlora_model(
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
     target_modules: str | list[str] = "all-linear",
-    quant_type: str = "nf4",
+    quant_type: str | None = "nf4",
     compress_statistics: bool = True,
     compute_dtype: torch.dtype | None = None,
     blocksize: int = 64,
@@ -41,6 +42,8 @@ def get_qlora_model(
     ``target_modules``: ``"all-linear"`` (every linear layer but the output head) or a list of
     names, matched like peft does: a layer is taken if its name equals an entry or ends with
     ``"." + entry`` (``["q_proj", "v_proj"]``). Every parameter but the LoRA adapters is frozen.
+    ``quant_type=None`` keeps the base weights in full precision: plain LoRA (:class:`LoRALinear`),
+    the baseline QLoRA is compared with.
     """
     check_lora_args(r, lora_alpha, lora_dropout)
     candidates = linear_layer_names(model)
@@ -58,16 +61,20 @@ def get_qlora_model(
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = QLoRALinear.from_linear(
-            getattr(parent, child),
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            quant_type=quant_type,
-            compress_statistics=compress_statistics,
-            blocksize=blocksize,
-            compute_dtype=compute_dtype,
-        )
+        linear = getattr(parent, child)
+        if quant_type is None:
+            layer = LoRALinear(linear, r, lora_alpha, lora_dropout)
+        else:
+            layer = QLoRALinear.from_linear(
+                linear,
+                r=r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                quant_type=quant_type,
+                compress_statistics=compress_statistics,
+                blocksize=blocksize,
+                compute_dtype=compute_dtype,
+            )
         setattr(parent, child, layer)
     model.qlora_config = {
         "r": r,
@@ -97,4 +104,21 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     if use_gradient_checkpointing:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable()
+    return model
+
+
+@torch.no_grad()
+def quantize_linear_weights(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    compress_statistics: bool = False,
+    blocksize: int = 64,
+) -> nn.Module:
+    """Replace (in place) the weight of every linear layer but the output head by its 4-bit round
+    trip, kept in the weight's dtype: the model computes what its 4-bit version would, so its
+    perplexity measures what the quantization costs (the paper's Table 2)."""
+    for name in linear_layer_names(model):
+        weight = model.get_submodule(name).weight
+        packed, state = quantize_4bit(weight, blocksize, quant_type, compress_statistics)
+        weight.copy_(dequantize_4bit(packed, state))
     return model

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlora_edu.codebooks import DYNAMIC_CODE, FP4_CODE, NF4_CODE
+from qlora_edu.codebooks import DYNAMIC_CODE, FP4_CODE, INT4_CODE, NF4_CODE
 
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-QUANT_TYPES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+# "int4" (symmetric integers, 15 levels) is no bitsandbytes type: the book's baseline (Chapter 8).
+QUANT_TYPES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
 CHUNK = 1 << 20  # values quantized at a time: bounds the extra memory to a few MB
 TABLE_SIZE = 1 << 16
 assert sys.byteorder == "little", (
@@ -69,6 +70,8 @@ class QuantState:
         """Convert to a ``bitsandbytes.functional.QuantState`` (lossless)."""
         from bitsandbytes.functional import QuantState as BnbQuantState
 
+        if self.quant_type not in (None, "nf4", "fp4"):
+            raise ValueError(f"bitsandbytes has no quant_type {self.quant_type!r}")
         return BnbQuantState(
             absmax=self.absmax,
             shape=self.shape,
@@ -232,7 +235,7 @@ def quantize_4bit(
 @functools.lru_cache(maxsize=8)
 def _word_table(code: tuple[float, ...]) -> torch.Tensor:
     """The four code values each 16-bit word of packed data stands for (little-endian bytes)."""
-    c = torch.tensor(code, dtype=torch.float32)
+    c = torch.tensor(code + (0.0,) * (16 - len(code)), dtype=torch.float32)  # INT4 has 15 codes
     word = torch.arange(1 << 16)
     first, second = word & 0xFF, word >> 8  # the first byte is the low one in memory
     return torch.stack([c[first >> 4], c[first & 0xF], c[second >> 4], c[second & 0xF]], dim=1)

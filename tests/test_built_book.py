@@ -83,9 +83,11 @@ def _open(browser, site, page):
         browser.get(url)
         try:
             WebDriverWait(browser, 20).until(
-                lambda b: b.current_url == url
-                and b.execute_script("return document.readyState") == "complete"
-                and _heading(b)
+                lambda b: (
+                    b.current_url == url
+                    and b.execute_script("return document.readyState") == "complete"
+                    and _heading(b)
+                )
             )
             return browser
         except TimeoutException:

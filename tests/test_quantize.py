@@ -248,3 +248,13 @@ print((after - before) * 1024 / (A.numel() * A.element_size()))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert float(out.stdout.strip().splitlines()[-1]) <= 3.0
+
+
+def test_int4_is_a_quant_type_of_ours_but_not_of_bitsandbytes():
+    from qlora_edu import quantize_roundtrip
+
+    A = torch.randn(64, 192)
+    packed, state = quantize_4bit(A, quant_type="int4", compress_statistics=False)
+    assert torch.equal(dequantize_4bit(packed, state), quantize_roundtrip(A, "int4"))
+    with pytest.raises(ValueError, match="bitsandbytes has no quant_type 'int4'"):
+        state.to_bnb()
