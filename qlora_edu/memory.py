@@ -179,6 +179,7 @@ def estimate_finetune_memory(
     dtype: torch.dtype = torch.bfloat16,
     blocksize: int = 64,
     compress_statistics: bool = True,
+    world_size: int = 1,
 ) -> dict[str, int]:
     """Bytes needed to finetune ``config``'s model, per component and in ``total``.
 
@@ -187,10 +188,20 @@ def estimate_finetune_memory(
     block linear layers stored in 4 bits, double-quantized when ``compress_statistics``).
     ``dtype`` is the precision of unquantized weights, adapters, gradients and activations; AdamW's
     moments are float32 whatever it is.
+
+    ``world_size`` > 1: the bytes on each of that many ranks under FSDP (Chapter 10), with
+    ``batch_size`` sequences per rank. Weights, adapters, gradients and optimizer state are
+    sharded (divided by ``world_size``); activations are each rank's own; and a part ``gathered``
+    is added: the full weights of two decoder layers, the one running and the next, prefetched.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    for name, value in (("lora_r", lora_r), ("batch_size", batch_size), ("seq_len", seq_len)):
+    for name, value in (
+        ("lora_r", lora_r),
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("world_size", world_size),
+    ):
         _positive_int(name, value)
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
@@ -224,8 +235,20 @@ def estimate_finetune_memory(
             lora_r=None if method == "full" else lora_r,
         ),
     }
+    if world_size > 1:
+        for part in ("weights", "lora", "gradients", "optimizer"):
+            parts[part] = math.ceil(parts[part] / world_size)
+        layer = (weights - _outside_layers(config, width)) / config.num_hidden_layers
+        parts["gathered"] = math.ceil(2 * (layer + lora / config.num_hidden_layers))
     parts["total"] = sum(parts.values())
     return parts
+
+
+def _outside_layers(config, width: int) -> int:
+    """Bytes of the parameters outside the decoder layers: embeddings, final norm, output head."""
+    embed = config.vocab_size * config.hidden_size
+    head = 0 if getattr(config, "tie_word_embeddings", False) else embed
+    return width * (embed + head + config.hidden_size)
 
 
 def _storages(tensors) -> dict[int, int]:

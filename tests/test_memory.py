@@ -135,3 +135,19 @@ def test_config_missing_fields_is_named():
         estimate_finetune_memory(Partial(), "full")
     with pytest.raises(ValueError, match="unknown architecture"):
         llama_config("LLaMA-1T")
+
+
+def test_world_size_shards_all_but_the_activations():
+    config = llama_config("LLaMA-7B")
+    one = estimate_finetune_memory(config, "qlora", lora_r=16, seq_len=1024)
+    four = estimate_finetune_memory(config, "qlora", lora_r=16, seq_len=1024, world_size=4)
+    for part in ("weights", "lora", "gradients", "optimizer"):
+        assert four[part] == -(-one[part] // 4)
+    assert four["activations"] == one["activations"]
+    assert "gathered" not in one
+    # two decoder layers' packed weights (+ adapters): 1/16 of the layers' share
+    layers = one["weights"] - 2 * 32000 * 4096 * 2 - 2 * 4096
+    assert four["gathered"] == pytest.approx(2 * (layers + one["lora"]) / 32, rel=1e-6)
+    assert four["total"] == sum(v for k, v in four.items() if k != "total")
+    with pytest.raises(ValueError, match="world_size"):
+        estimate_finetune_memory(config, "qlora", world_size=0)
