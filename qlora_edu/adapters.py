@@ -71,6 +71,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         k.replace(".default.", "."): v
         for k, v in load_file(path / "adapter_model.safetensors").items()
     }
+    _check_fits(model, saved, rank=config.get("r"))
     for name, module in model.named_modules():
         if isinstance(module, LoRAAdapter):
             if (module.r, module.lora_alpha) != (config["r"], config["lora_alpha"]):
@@ -78,14 +79,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
                     f"{name}: adapter has r={config['r']}, lora_alpha={config['lora_alpha']}; "
                     f"the layer r={module.r}, lora_alpha={module.lora_alpha}"
                 )
-    return load_lora_state_dict(model, saved, rank=config.get("r"))
+    return load_lora_state_dict(model, saved)
 
 
-def load_lora_state_dict(
-    model: nn.Module, saved: dict[str, torch.Tensor], rank: int | None = None
-) -> nn.Module:
-    """Copy LoRA weights keyed as :func:`lora_state_dict` keys them into ``model``, after checking
-    that every key and shape fits (ValueError otherwise, with the model left untouched)."""
+def _check_fits(model: nn.Module, saved: dict[str, torch.Tensor], rank: int | None) -> None:
     ours = lora_state_dict(model)
     missing, unexpected = sorted(set(ours) - set(saved)), sorted(set(saved) - set(ours))
     if missing or unexpected:
@@ -100,6 +97,12 @@ def load_lora_state_dict(
                 f"{key}: adapter has shape {tuple(tensor.shape)}, the model {expected}"
                 f" (adapter rank {rank})"
             )
+
+
+def load_lora_state_dict(model: nn.Module, saved: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy LoRA weights keyed as :func:`lora_state_dict` keys them into ``model``, after checking
+    that every key and shape fits (ValueError otherwise, with the model left untouched)."""
+    _check_fits(model, saved, rank=None)
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, LoRAAdapter):
