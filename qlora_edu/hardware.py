@@ -1,0 +1,26 @@
+"""Choosing the device and the compute dtype from the hardware, in one place (Chapters 8-10).
+
+bitsandbytes computes a 4-bit layer's matmul in ``bnb_4bit_compute_dtype``. bfloat16 is the right
+choice where the GPU supports it (Ampere and newer); Colab's free T4 (Turing) does not, so float16
+there; on a CPU float32, the dtype its kernels are fastest and exact in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a CUDA GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """bfloat16 on a GPU that supports it, float16 on an older GPU (a T4), float32 on a CPU."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+__all__ = ["compute_dtype", "default_device"]
