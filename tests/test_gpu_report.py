@@ -1,0 +1,71 @@
+"""The GPU report's code, run small on the CPU, and the compute-dtype helper (Chapter 9)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_edu.hardware import compute_dtype, default_device
+
+
+def test_compute_dtype_follows_the_hardware(monkeypatch):
+    assert compute_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert compute_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4
+    assert compute_dtype("cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
+    assert compute_dtype() == torch.float32
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    sys.path.insert(0, "benchmarks")
+    import gpu_report
+
+    out = tmp_path_factory.mktemp("report") / "report.json"
+    gpu_report.main(["--device", "cpu", "--quick", "--out", str(out)])
+    return json.loads(out.read_text()), gpu_report
+
+
+def test_report_checks_equality_with_bitsandbytes(report):
+    data, _ = report
+    assert data["environment"]["device"] == "cpu"
+    assert {"torch", "bitsandbytes", "transformers", "peft", "date"} <= data["environment"].keys()
+    for row in data["dequantize"]:
+        assert row["quantize_bytes_identical"] and row["dequantized_identical"]
+        assert row["bitsandbytes_ms"] > 0 and row["qlora_edu_ms"] > 0
+
+
+def test_report_trains_every_implementation_beside_the_estimate(report):
+    from transformers import AutoConfig
+
+    from qlora_edu import estimate_finetune_memory
+    from qlora_edu.base_model import MODEL_PATH
+
+    data, gpu_report = report
+    rows = data["training_step"]
+    assert [r["implementation"] for r in rows] == list(gpu_report.IMPLEMENTATIONS)
+    config = AutoConfig.from_pretrained(MODEL_PATH)
+    for row in rows:
+        method = "lora" if row["implementation"].startswith("16-bit") else "qlora"
+        estimate = estimate_finetune_memory(
+            config, method, lora_r=row["lora_r"], batch_size=row["batch_size"],
+            seq_len=row["seq_len"], dtype=torch.float32,
+        )  # fmt: skip
+        assert row["estimate_MiB"] == round(estimate["total"] / 2**20, 1)
+        assert row["step_ms"] > 0 and row["peak_MiB"] is None  # no allocator peak on a CPU
+
+
+RESULTS = sorted((Path(__file__).parents[1] / "benchmarks" / "results").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.name)
+def test_committed_gpu_results_come_from_a_gpu(path):
+    data = json.loads(path.read_text())
+    assert data["environment"]["device"].startswith("cuda") and data["environment"]["gpu"]
+    assert all(r["dequantized_identical"] for r in data["dequantize"])
+    assert all(r["peak_MiB"] > 0 for r in data["training_step"])
