@@ -188,7 +188,7 @@ def test_exact_match_is_greedy_decoding(uninterrupted):
     eos = tokenizer.eos_token_id
     rows, labels, expected = [], [], []
     _, test = date_task()
-    for prompt, _ in test[:16]:
+    for prompt, _ in test[:10]:
         ids = tokenizer(prompt)["input_ids"]
         out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                              pad_token_id=eos)[0, len(ids):].tolist()  # fmt: skip
@@ -200,7 +200,7 @@ def test_exact_match_is_greedy_decoding(uninterrupted):
             rows.append(ids + a)
             labels.append([-100] * len(ids) + a)
             expected.append(verdict)
-    assert len(expected) >= 16, "too few greedy continuations ended the text"
+    assert len(expected) >= 10, "too few greedy continuations ended the text"
     width = max(map(len, rows))
     data = {
         "input_ids": torch.tensor([r + [eos] * (width - len(r)) for r in rows]),
@@ -208,7 +208,7 @@ def test_exact_match_is_greedy_decoding(uninterrupted):
     }
     assert exact_matches(model, data).tolist() == expected
 
-    real = test[:12]
+    real = test[:8]
     flags = exact_matches(model, encode(tokenizer, real))
     greedy = []
     for prompt, answer in real:

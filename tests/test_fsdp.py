@@ -28,8 +28,8 @@ def runs(tmp_path_factory):
     results = {}
     for name, n_procs, args in [
         ("single", 1, ()),
-        ("sharded", 2, ()),
-        ("bitsandbytes", 2, ("--impl", "bitsandbytes", "--quant-storage", "float32")),
+        ("sharded", 2, ("--quant-storage", "float32")),
+        ("bitsandbytes", 2, ("--impl", "bitsandbytes", "--quant-storage", "bfloat16")),
     ]:
         run, out = torchrun(tmp, n_procs, name, *args)
         assert run.returncode == 0, run.stderr[-3000:]
