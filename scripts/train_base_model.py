@@ -13,7 +13,7 @@ makes its own pretrained model. This script is the whole recipe, deterministic o
    ``qlora_edu/assets/pydoc-llama/``.
 
     python scripts/train_base_model.py corpus
-    python scripts/train_base_model.py train          # about 35 minutes on 2 CPU cores
+    python scripts/train_base_model.py train          # about an hour on 2 CPU cores
 
 Same torch version and thread count -> the same weights, bit for bit.
 """
@@ -247,6 +247,7 @@ Copyright (c) 2001 SciPy Developers); these licences permit redistribution with 
 ## Use
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 model = AutoModelForCausalLM.from_pretrained(path)
 tokenizer = AutoTokenizer.from_pretrained(path)
 ```
