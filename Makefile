@@ -32,8 +32,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e ".[book,test]"
 	touch $@
 
+# A changed table of contents or configuration changes every page's navigation: rebuild them all.
+STALE := $(shell find _toc.yml _config.yml -newer _build/html/.buildinfo 2>/dev/null)
+
 book: env
-	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going $(if $(STALE),--all)
 
 student: env
 	$(PY) scripts/student_edition.py
