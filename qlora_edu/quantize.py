@@ -233,12 +233,12 @@ def quantize_4bit(
 
 
 @functools.lru_cache(maxsize=8)
-def _word_table(code: tuple[float, ...]) -> torch.Tensor:
-    """The four code values each 16-bit word of packed data stands for (little-endian bytes)."""
+def _byte_table(code: tuple[float, ...]) -> torch.Tensor:
+    """The two code values each packed byte stands for, high nibble first, one 8-byte entry per
+    byte: the entry is a float64 only as a container of two float32s, so one gather copies both."""
     c = torch.tensor(code + (0.0,) * (16 - len(code)), dtype=torch.float32)  # INT4 has 15 codes
-    word = torch.arange(1 << 16)
-    first, second = word & 0xFF, word >> 8  # the first byte is the low one in memory
-    return torch.stack([c[first >> 4], c[first & 0xF], c[second >> 4], c[second & 0xF]], dim=1)
+    byte = torch.arange(256)
+    return torch.stack([c[byte >> 4], c[byte & 0xF]], dim=1).view(torch.float64).view(-1)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
@@ -255,28 +255,26 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     if state.absmax.numel() != blocks:
         raise ValueError(f"state has {state.absmax.numel()} absmax values for {blocks} blocks")
     absmax = dequantize_absmax(state) if state.nested else state.absmax
-    # Four codes per 16-bit word: one lookup in a table of all 65,536 words gives four values.
-    table = _word_table(tuple(state.code.tolist()))
-    size = state.blocksize * blocks
+    table = _byte_table(tuple(state.code.tolist())).to(packed.device)
+    size = state.blocksize * blocks  # a final partial block is filled up, then cut off
     data = packed.reshape(-1).view(torch.uint8)
-    data = torch.nn.functional.pad(data, (0, 2 * math.ceil(size / 4) - data.numel()))
-    words = data.view(torch.int16).int() & 0xFFFF
-    table = table.to(packed.device)
-    out = torch.empty(4 * words.numel(), dtype=state.dtype, device=packed.device)
-    if state.dtype == torch.float32:  # look up straight into the output, then scale it in place
-        torch.index_select(table, 0, words, out=out.view(-1, 4))
-        out[:size].view(-1, state.blocksize).mul_(absmax.view(-1, 1))
-    else:  # 16-bit output: chunks of whole blocks, so the float32 values stay in cache
-        step = max(CHUNK // 4 // state.blocksize, 1) * state.blocksize  # values per chunk
-        buffer = torch.empty(step // 4, 4, device=packed.device)
-        for start in range(0, size, step):
-            count = min(step, size - start)
-            values = buffer[: count // 4]
-            torch.index_select(table, 0, words[start // 4 : (start + count) // 4], out=values)
-            scale = absmax[start // state.blocksize : (start + count) // state.blocksize]
-            # multiply in float32 and round once to the output dtype, as bitsandbytes does
-            target = out[start : start + count].view(-1, state.blocksize)
-            torch.mul(values.view(-1, state.blocksize), scale.view(-1, 1), out=target)
+    if data.numel() < size // 2:
+        data = torch.nn.functional.pad(data, (0, size // 2 - data.numel()))
+    out = torch.empty(size, dtype=state.dtype, device=packed.device)
+    # Whole blocks at a time, so the index and float32 buffers stay small and every output value
+    # is written once: look up two codes per byte, then scale by the block's absmax.
+    step = max(CHUNK // 2 // state.blocksize, 1) * state.blocksize  # values per chunk
+    index = torch.empty(step // 2, dtype=torch.int32, device=packed.device)
+    buffer = torch.empty(step, device=packed.device)
+    for start in range(0, size, step):
+        count = min(step, size - start)
+        codes = index[: count // 2].copy_(data[start // 2 : (start + count) // 2])
+        values = buffer[:count]
+        torch.index_select(table, 0, codes, out=values.view(torch.float64))
+        values = values.view(-1, state.blocksize)
+        scale = absmax[start // state.blocksize : (start + count) // state.blocksize].view(-1, 1)
+        # multiply in float32 and round once to the output dtype, as bitsandbytes does
+        torch.mul(values, scale, out=out[start : start + count].view(-1, state.blocksize))
     out = out[:numel].view(state.shape)
     return out if size == numel else out.clone()
 
