@@ -34,7 +34,7 @@ import torch
 
 from qlora_edu import estimate_finetune_memory, get_qlora_model, llama_config
 from qlora_edu.base_model import MODEL_PATH
-from qlora_edu.hardware import compute_dtype
+from qlora_edu.hardware import compute_dtype, qlora_bnb_config
 from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit
 
 MiB = 2**20
@@ -98,16 +98,11 @@ def dequantize_rows(device: torch.device, shapes, dtypes, repeats: int) -> list[
 
 
 def _load(path: str, dtype: torch.dtype, device: torch.device, four_bit: bool):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "device_map": {"": str(device)}}
     if four_bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        kwargs["quantization_config"] = qlora_bnb_config(dtype)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 

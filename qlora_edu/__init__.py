@@ -22,6 +22,7 @@ from qlora_edu.memory import (
     estimate_finetune_memory,
     llama_config,
     measure_training_step,
+    quant_state_nbytes,
     quantized_nbytes,
 )
 from qlora_edu.model import get_qlora_model, prepare_model_for_kbit_training
@@ -55,6 +56,7 @@ __all__ = [
     "estimate_finetune_memory",
     "llama_config",
     "measure_training_step",
+    "quant_state_nbytes",
     "quantized_nbytes",
     "use_book_style",
 ]

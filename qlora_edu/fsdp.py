@@ -31,6 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from qlora_edu.adapters import PREFIX
 from qlora_edu.base_model import load_base_model, model_name_or_path
 from qlora_edu.finetune import batch_indices, date_task, encode
+from qlora_edu.hardware import qlora_bnb_config
 from qlora_edu.model import get_qlora_model
 from qlora_edu.qlora import QLoRALinear
 
@@ -58,15 +59,9 @@ def build(impl: str, r: int, storage: torch.dtype, model_name: str | None = None
         packed_weights_as_parameters(model, storage)
         return model
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-        bnb_4bit_quant_storage=storage,
-    )
+    config = qlora_bnb_config(torch.float32, quant_storage=storage)
     model = AutoModelForCausalLM.from_pretrained(
         model_name_or_path(model_name), quantization_config=config, device_map={"": "cpu"}
     )

@@ -1,4 +1,4 @@
-"""Choosing the device and the compute dtype from the hardware, in one place (Chapters 8-10).
+"""The device, the compute dtype and the 4-bit loading config, chosen in one place (Chapters 8-10).
 
 bitsandbytes computes a 4-bit layer's matmul in ``bnb_4bit_compute_dtype``. bfloat16 is the right
 choice where the GPU supports it (Ampere and newer); Colab's free T4 (Turing) does not, so float16
@@ -23,4 +23,22 @@ def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-__all__ = ["compute_dtype", "default_device"]
+def qlora_bnb_config(dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8):
+    """transformers' ``BitsAndBytesConfig`` for the QLoRA recipe, said explicitly.
+
+    NF4 with double quantization (bitsandbytes' defaults are FP4 without it), matmuls in ``dtype``
+    (default: :func:`compute_dtype` of this machine), packed bytes stored as ``quant_storage``
+    (a float dtype only matters for sharding: Chapter 10).
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype or compute_dtype(),
+        bnb_4bit_quant_storage=quant_storage,
+    )
+
+
+__all__ = ["compute_dtype", "default_device", "qlora_bnb_config"]

@@ -110,6 +110,38 @@ def quantized_nbytes(numel: int, blocksize: int = 64, compress_statistics: bool 
     return packed + blocks + 4 * math.ceil(blocks / 256) + 4
 
 
+def quant_state_nbytes(model: nn.Module, code_books: bool = False) -> int:
+    """Bytes of the quantization constants of every 4-bit linear layer in ``model``.
+
+    Counts ``qlora_edu.QLoRALinear`` (its state is in buffers) and bitsandbytes' ``Linear4bit``,
+    whose state is an attribute of its weight, outside parameters and buffers, so that parameter
+    counts and ``model.get_memory_footprint()`` miss it. By default the constants
+    :func:`quantized_nbytes` counts: the absmax values (or their 8-bit codes) and, with double
+    quantization, the second-level absmax values and the offset. ``code_books=True`` adds the code
+    books each layer keeps a copy of (16 values, and 256 for the nested state).
+    """
+    import bitsandbytes as bnb
+
+    from qlora_edu.qlora import QLoRALinear
+    from qlora_edu.quantize import QuantState
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QLoRALinear):
+            state = module.quant_state
+        elif isinstance(module, bnb.nn.Linear4bit):
+            state = QuantState.from_bnb(module.weight.quant_state)
+        else:
+            continue
+        tensors = [state.absmax]
+        if state.nested:
+            tensors += [state.state2.absmax, state.offset]
+        if code_books:
+            tensors += [state.code] + ([state.state2.code] if state.nested else [])
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
 def activation_bytes(
     config,
     *,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -23,10 +22,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # "int4" (symmetric integers, 15 levels) is no bitsandbytes type: the book's baseline (Chapter 8).
 QUANT_TYPES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
 CHUNK = 1 << 20  # values quantized at a time: bounds the extra memory to a few MB
-TABLE_SIZE = 1 << 16
-assert sys.byteorder == "little", (
-    "dequantize_4bit reads packed bytes as little-endian words"
-)  # points of the lookup table of the "table" search
+TABLE_SIZE = 1 << 16  # points of the lookup table of the "table" search
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The GPU report's code, run small on the CPU, and the compute-dtype helper (Chapter 9)."""
+"""The GPU report's code, run small on the CPU, and the hardware helpers (Chapter 9)."""
 
 import json
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_edu.hardware import compute_dtype, default_device
+from qlora_edu.hardware import compute_dtype, default_device, qlora_bnb_config
 
 
 def test_compute_dtype_follows_the_hardware(monkeypatch):
@@ -19,6 +19,17 @@ def test_compute_dtype_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_device() == torch.device("cpu")
     assert compute_dtype() == torch.float32
+
+
+def test_the_bitsandbytes_config_is_the_qlora_recipe():
+    config = qlora_bnb_config()
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == compute_dtype()
+    assert config.bnb_4bit_quant_storage == torch.uint8
+    sharded = qlora_bnb_config(torch.bfloat16, quant_storage=torch.float32)
+    assert sharded.bnb_4bit_compute_dtype == torch.bfloat16
+    assert sharded.bnb_4bit_quant_storage == torch.float32
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +71,19 @@ def test_report_trains_every_implementation_beside_the_estimate(report):
         assert row["step_ms"] > 0 and row["peak_MiB"] is None  # no allocator peak on a CPU
 
 
-RESULTS = sorted((Path(__file__).parents[1] / "benchmarks" / "results").glob("*.json"))
+ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.name)
-def test_committed_gpu_results_come_from_a_gpu(path):
-    data = json.loads(path.read_text())
-    assert data["environment"]["device"].startswith("cuda") and data["environment"]["gpu"]
-    assert all(r["dequantized_identical"] for r in data["dequantize"])
-    assert all(r["peak_MiB"] > 0 for r in data["training_step"])
+def test_committed_gpu_results_come_from_a_gpu_and_chapter_9_shows_them():
+    results = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    chapter = (ROOT / "notebooks" / "09_bitsandbytes_peft.ipynb").read_text()
+    readme = (ROOT / "README.md").read_text()
+    if not results:  # then the book must not pretend otherwise
+        assert "No GPU measurement has been committed yet" in chapter
+        assert "(none yet)" in readme
+    for path in results:
+        data = json.loads(path.read_text())
+        assert data["environment"]["device"].startswith("cuda") and data["environment"]["gpu"]
+        assert all(r["dequantized_identical"] for r in data["dequantize"])
+        assert all(r["peak_MiB"] > 0 for r in data["training_step"])
+        assert f"{path.name}: {data['environment']['gpu']}" in chapter  # in its stored outputs

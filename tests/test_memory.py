@@ -6,7 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qlora_edu import count_parameters, estimate_finetune_memory, llama_config, quantized_nbytes
+from qlora_edu import (
+    count_parameters,
+    estimate_finetune_memory,
+    get_qlora_model,
+    llama_config,
+    quant_state_nbytes,
+    quantized_nbytes,
+)
+from qlora_edu.hardware import qlora_bnb_config
 from qlora_edu.memory import measure_training_step
 
 GB = 1000**3
@@ -68,6 +76,33 @@ def test_quantized_bytes_per_parameter():
     n = 4096 * 4096
     assert quantized_nbytes(n, compress_statistics=False) * 8 / n == 4.5
     assert quantized_nbytes(n) * 8 / n == pytest.approx(4.127, abs=5e-4)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_quant_state_bytes_of_ours_and_of_bitsandbytes(double_quant, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    config = small_config()
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    shapes = count_parameters(config).linear_shapes
+    expected = sum(quantized_nbytes(o * i, 64, double_quant) - (o * i + 1) // 2 for o, i in shapes)
+    code_books = len(shapes) * 4 * (16 + (256 if double_quant else 0))
+
+    ours = get_qlora_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path), compress_statistics=double_quant
+    )
+    assert quant_state_nbytes(ours) == expected
+    assert quant_state_nbytes(ours, code_books=True) == expected + code_books
+    bnb_config = qlora_bnb_config(torch.float32)
+    if not double_quant:
+        bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=bnb_config, device_map="cpu"
+    )
+    assert quant_state_nbytes(theirs) == expected
+    assert quant_state_nbytes(theirs, code_books=True) == expected + code_books
+    assert quant_state_nbytes(LlamaForCausalLM(config)) == 0
 
 
 @pytest.mark.parametrize("method,lora_r", [("full", None), ("lora", 4)])

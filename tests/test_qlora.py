@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from qlora_edu import (
     LoRALinear,
@@ -19,6 +19,7 @@ from qlora_edu import (
     quantize_4bit,
     save_adapter,
 )
+from qlora_edu.hardware import qlora_bnb_config
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -45,12 +46,7 @@ def saved_base(tmp_path_factory):
 
 
 def peft_qlora(path, r=8):
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
+    config = qlora_bnb_config(torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=16, target_modules="all-linear"))
 
@@ -172,12 +168,7 @@ def test_adapter_round_trips_through_peft(saved_base, tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 8
     base = AutoModelForCausalLM.from_pretrained(
         saved_base,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
+        quantization_config=qlora_bnb_config(torch.float32),
         device_map="cpu",
     )
     theirs = PeftModel.from_pretrained(base, tmp_path / "ours")
