@@ -32,7 +32,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None):
+def save_adapter(
+    model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None
+) -> None:
     """Write ``model``'s LoRA adapters to ``path`` in PEFT's format."""
     config = getattr(model, "qlora_config", None)
     if config is None:

@@ -12,8 +12,13 @@ import gzip
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_PATH = ASSETS / "pydoc-llama"
@@ -27,7 +32,9 @@ def model_name_or_path(name: str | None = None) -> str:
     return name or os.environ.get("QLORA_EDU_MODEL") or str(MODEL_PATH)
 
 
-def load_base_model(name: str | None = None, **kwargs):
+def load_base_model(
+    name: str | None = None, **kwargs
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)``: the shipped model by default, or a hub id / path (see module doc).
 
     Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained`` (for example
@@ -53,7 +60,7 @@ def corpus_documents(split: str = "heldout") -> list[str]:
     return [d for i, d in enumerate(docs) if i % HELDOUT_EVERY]
 
 
-def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
     """The texts' token ids in one 1-D tensor, an end-of-text token after each text."""
     ids = []
     for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
@@ -76,7 +83,9 @@ def unigram_perplexity(train: torch.Tensor, heldout: torch.Tensor, vocab_size: i
     return math.exp(-(counts / counts.sum()).log()[heldout].mean().item())
 
 
-def next_token_loss(model, windows: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def next_token_loss(
+    model: nn.Module, windows: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """Cross entropy of predicting ``windows[:, 1:]`` from ``windows[:, :-1]``."""
     logits = model(windows[:, :-1]).logits
     return torch.nn.functional.cross_entropy(
@@ -87,7 +96,7 @@ def next_token_loss(model, windows: torch.Tensor, reduction: str = "mean") -> to
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 64) -> float:
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 64) -> float:
     """exp(mean next-token cross entropy) of ``model`` over ``windows``."""
     was_training = model.training
     model.eval()

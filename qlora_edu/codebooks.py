@@ -48,7 +48,9 @@ def create_fp4_map() -> torch.Tensor:
     return values / values.abs().max()
 
 
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8):
+def create_dynamic_map(
+    signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8
+) -> torch.Tensor:
     """The dynamic 8-bit map of Dettmers et al. (2021): a decimal exponent and a shrinking fraction.
 
     For each exponent ``i`` the values are the midpoints of ``2^(i + free bits) + 1`` evenly spaced

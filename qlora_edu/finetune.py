@@ -23,13 +23,18 @@ import math
 import os
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from qlora_edu.adapters import load_lora_state_dict, lora_state_dict, save_adapter
 from qlora_edu.base_model import load_base_model
 from qlora_edu.model import get_qlora_model
 from qlora_edu.paging import PagedAdamW, SimulatedDevice
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # method -> (quant_type, compress_statistics); "lora" keeps the base weights in full precision
 METHODS = {
@@ -62,7 +67,9 @@ def date_task(n_train: int = 2000, n_test: int = 200) -> tuple[list, list]:
     return train, test
 
 
-def encode(tokenizer, examples: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+def encode(
+    tokenizer: PreTrainedTokenizerBase, examples: list[tuple[str, str]]
+) -> dict[str, torch.Tensor]:
     """Token ids padded on the right, and labels that score only the answer and its end token."""
     rows, labels = [], []
     for prompt, answer in examples:
@@ -97,7 +104,7 @@ def _score(model, data: dict[str, torch.Tensor], batch_size: int = 256):
     return torch.cat(matches), loss_sum, tokens
 
 
-def exact_matches(model, data: dict[str, torch.Tensor]) -> torch.Tensor:
+def exact_matches(model: nn.Module, data: dict[str, torch.Tensor]) -> torch.Tensor:
     """For each example: does greedy decoding reproduce the answer and then end the text?
 
     It does if and only if, fed the right answer so far, the model's top token is right at every
@@ -106,7 +113,7 @@ def exact_matches(model, data: dict[str, torch.Tensor]) -> torch.Tensor:
     return _score(model, data)[0]
 
 
-def evaluate(model, data: dict[str, torch.Tensor]) -> dict[str, float]:
+def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float]:
     """Exact match (see :func:`exact_matches`) and the perplexity of the answer tokens."""
     matches, loss_sum, tokens = _score(model, data)
     loss = loss_sum / tokens
@@ -142,7 +149,9 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-def prepare_model(config: FinetuneConfig, model_name: str | None = None):
+def prepare_model(
+    config: FinetuneConfig, model_name: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)``: the base model with (Q)LoRA adapters seeded by ``config.seed``."""
     model, tokenizer = load_base_model(model_name)
     quant_type, compress = METHODS[config.method]
@@ -168,7 +177,9 @@ def _make_optimizer(model, config: FinetuneConfig):
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
 
-def linear_schedule(optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, warmup: int, steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup`` steps, then linear decay to zero at ``steps``."""
 
     def factor(step: int) -> float:
@@ -192,7 +203,15 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
     return torch.stack([orders[e][o] for e, o in pairs])
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list, config):
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    history: list,
+    config: FinetuneConfig,
+) -> None:
     """Everything a resumed run needs, written to a temporary file and renamed into place."""
     state = {
         "config": dataclasses.asdict(config),
@@ -209,8 +228,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history:
 
 
 def finetune(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     config: FinetuneConfig,
     out_dir: str | Path | None = None,
     progress: bool = False,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -74,7 +75,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-def local_bytes(tensors) -> int:
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes this rank holds of the given (possibly sharded) tensors."""
     total = 0
     for t in tensors:
@@ -96,7 +97,9 @@ def full_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_peft_adapter(state: dict[str, torch.Tensor], path: Path, r: int, modules) -> None:
+def save_peft_adapter(
+    state: dict[str, torch.Tensor], path: Path, r: int, modules: Iterable[str]
+) -> None:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)

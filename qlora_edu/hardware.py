@@ -7,7 +7,12 @@ there; on a CPU float32, the dtype its kernels are fastest and exact in.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
 
 def default_device() -> torch.device:
@@ -23,7 +28,9 @@ def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def qlora_bnb_config(dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8):
+def qlora_bnb_config(
+    dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8
+) -> BitsAndBytesConfig:
     """transformers' ``BitsAndBytesConfig`` for the QLoRA recipe, said explicitly.
 
     NF4 with double quantization (bitsandbytes' defaults are FP4 without it), matmuls in ``dtype``

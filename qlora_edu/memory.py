@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PretrainedConfig
 
 METHODS = ("full", "lora", "qlora")
 ADAM_BYTES_PER_PARAM = 8  # two float32 moments
@@ -48,7 +52,7 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
 }  # fmt: skip
 
 
-def llama_config(name: str):
+def llama_config(name: str) -> LlamaConfig:
     """A transformers ``LlamaConfig`` for one of :data:`ARCHITECTURES` (no weights, no download)."""
     from transformers import LlamaConfig
 
@@ -81,7 +85,7 @@ def _check_config(config) -> None:
             raise ValueError(f"config.{field} must be a positive integer, got {value!r}")
 
 
-def count_parameters(config) -> ParameterCount:
+def count_parameters(config: PretrainedConfig) -> ParameterCount:
     """Count a causal LM's parameters exactly by building it on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
 
@@ -143,7 +147,7 @@ def quant_state_nbytes(model: nn.Module, code_books: bool = False) -> int:
 
 
 def activation_bytes(
-    config,
+    config: PretrainedConfig,
     *,
     batch_size: int,
     seq_len: int,
@@ -201,7 +205,7 @@ def _positive_int(name: str, value) -> None:
 
 
 def estimate_finetune_memory(
-    config,
+    config: PretrainedConfig,
     method: str,
     *,
     lora_r: int = 64,

@@ -85,7 +85,9 @@ def get_qlora_model(
     return model
 
 
-def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True):
+def prepare_model_for_kbit_training(
+    model: nn.Module, use_gradient_checkpointing: bool = True
+) -> nn.Module:
     """What peft's function of this name does (peft 0.13 to 0.21), for a 4-bit model:
 
     1. freeze every parameter;

@@ -17,6 +17,7 @@ any machine with a *simulated* accelerator that accounts for every allocation in
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -163,13 +164,19 @@ class PagedAdamW(torch.optim.AdamW):
     are ordinary allocations. The update itself is ``torch.optim.AdamW``'s.
     """
 
-    def __init__(self, params, device: SimulatedDevice, min_paged_numel: int = 100_000, **kwargs):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        device: SimulatedDevice,
+        min_paged_numel: int = 100_000,
+        **kwargs,
+    ):
         super().__init__(params, foreach=False, **kwargs)
         self.device, self.min_paged_numel = device, min_paged_numel
         self.names: dict[int, str] = {}
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

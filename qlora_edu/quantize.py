@@ -12,8 +12,12 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import bitsandbytes.functional
 
 from qlora_edu.codebooks import DYNAMIC_CODE, FP4_CODE, INT4_CODE, NF4_CODE
 
@@ -47,7 +51,7 @@ class QuantState:
         return self.state2 is not None
 
     @classmethod
-    def from_bnb(cls, state) -> QuantState:
+    def from_bnb(cls, state: bitsandbytes.functional.QuantState) -> QuantState:
         """Convert a ``bitsandbytes.functional.QuantState`` (lossless)."""
         state2 = cls.from_bnb(state.state2) if state.state2 is not None else None
         shape = torch.Size(state.shape) if state.shape is not None else None
@@ -62,7 +66,7 @@ class QuantState:
             state2=state2,
         )
 
-    def to_bnb(self):
+    def to_bnb(self) -> bitsandbytes.functional.QuantState:
         """Convert to a ``bitsandbytes.functional.QuantState`` (lossless)."""
         from bitsandbytes.functional import QuantState as BnbQuantState
 
