@@ -71,16 +71,26 @@ def encode(
     tokenizer: PreTrainedTokenizerBase, examples: list[tuple[str, str]]
 ) -> dict[str, torch.Tensor]:
     """Token ids padded on the right, and labels that score only the answer and its end token."""
-    rows, labels = [], []
-    for prompt, answer in examples:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(p + a)
-        labels.append([-100] * len(p) + a)
+    pairs = [
+        (
+            tokenizer(prompt, add_special_tokens=False)["input_ids"],
+            tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+        )
+        for prompt, answer in examples
+    ]
+    return pad_examples(pairs, tokenizer.pad_token_id)
+
+
+def pad_examples(
+    pairs: list[tuple[list[int], list[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """``(prompt ids, answer ids)`` pairs as one batch: ``input_ids`` padded on the right, and
+    ``labels`` that are -100 (not scored) everywhere but on the answer."""
+    rows = [prompt + answer for prompt, answer in pairs]
+    labels = [[-100] * len(prompt) + answer for prompt, answer in pairs]
     width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
     return {
-        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+        "input_ids": torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows]),
         "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
     }
 

@@ -30,6 +30,7 @@ from qlora_edu.finetune import (
     encode,
     exact_matches,
     finetune,
+    pad_examples,
     prepare_model,
 )
 from qlora_edu.lora import LoRALinear
@@ -186,7 +187,7 @@ def test_exact_match_is_greedy_decoding(uninterrupted):
     load_adapter(model, uninterrupted / "adapter")
     model.eval()
     eos = tokenizer.eos_token_id
-    rows, labels, expected = [], [], []
+    pairs, expected = [], []
     _, test = date_task()
     for prompt, _ in test[:10]:
         ids = tokenizer(prompt)["input_ids"]
@@ -196,16 +197,10 @@ def test_exact_match_is_greedy_decoding(uninterrupted):
             continue
         answer = out[: out.index(eos) + 1]
         wrong = [answer[0] + 1] + answer[1:]  # a different first token: greedy would not say it
-        for a, verdict in ((answer, True), (wrong, False)):
-            rows.append(ids + a)
-            labels.append([-100] * len(ids) + a)
-            expected.append(verdict)
+        pairs += [(ids, answer), (ids, wrong)]
+        expected += [True, False]
     assert len(expected) >= 10, "too few greedy continuations ended the text"
-    width = max(map(len, rows))
-    data = {
-        "input_ids": torch.tensor([r + [eos] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
-    }
+    data = pad_examples(pairs, tokenizer.pad_token_id)
     assert exact_matches(model, data).tolist() == expected
 
     real = test[:8]
