@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from conftest import small_llama_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from qlora_edu import (
     count_parameters,
@@ -18,19 +19,6 @@ from qlora_edu.hardware import qlora_bnb_config
 from qlora_edu.memory import measure_training_step
 
 GB = 1000**3
-
-
-def small_config(**overrides):
-    fields = dict(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        max_position_embeddings=256,
-    )
-    return LlamaConfig(**(fields | overrides))
 
 
 @pytest.mark.parametrize(
@@ -48,7 +36,7 @@ def test_counts_equal_the_released_checkpoints(name, expected):
 
 
 def test_counts_equal_a_materialised_model():
-    config = small_config()
+    config = small_llama_config()
     model = LlamaForCausalLM(config)
     counts = count_parameters(config)
     assert counts.total == sum(p.numel() for p in model.parameters())
@@ -65,7 +53,7 @@ def test_paper_headline_for_65b():
 
 
 def test_full_finetuning_costs_twelve_bytes_per_parameter():
-    config = small_config()
+    config = small_llama_config()
     total = count_parameters(config).total
     parts = estimate_finetune_memory(config, "full")
     assert parts["weights"] + parts["gradients"] + parts["optimizer"] == 12 * total
@@ -83,7 +71,7 @@ def test_quant_state_bytes_of_ours_and_of_bitsandbytes(double_quant, tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(0)
-    config = small_config()
+    config = small_llama_config()
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     shapes = count_parameters(config).linear_shapes
     expected = sum(quantized_nbytes(o * i, 64, double_quant) - (o * i + 1) // 2 for o, i in shapes)
@@ -111,7 +99,7 @@ def test_estimate_matches_a_measured_training_step(method, lora_r, batch, seq):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    config = small_config()
+    config = small_llama_config()
     model = LlamaForCausalLM(config)
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=lora_r, target_modules="all-linear"))
@@ -159,7 +147,7 @@ def test_checkpointing_never_costs_more_and_memory_grows_with_tokens(seq, batch)
 )
 def test_bad_input_is_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        estimate_finetune_memory(small_config(), **kwargs)
+        estimate_finetune_memory(small_llama_config(), **kwargs)
 
 
 def test_config_missing_fields_is_named():

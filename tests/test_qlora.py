@@ -6,9 +6,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import small_llama_config
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from qlora_edu import (
     LoRALinear,
@@ -26,15 +27,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=320,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        max_position_embeddings=128,
-    )
+    config = small_llama_config(hidden_size=128, intermediate_size=320, max_position_embeddings=128)
     return LlamaForCausalLM(config)
 
 
