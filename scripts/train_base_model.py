@@ -186,6 +186,11 @@ def train(args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(OUT)
     tokenizer.save_pretrained(OUT)
+    # transformers 5 records its own new class name, which transformers 4 cannot load; the class
+    # name both know reads the same tokenizer.json.
+    tokenizer_config = json.loads((OUT / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (OUT / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     stats = {
         "parameters": n_params,
         "train_tokens": len(train_stream),

@@ -52,6 +52,9 @@ def test_shipped_model_loads_offline_with_the_auto_classes(monkeypatch):
     assert 3e6 <= card["parameters"] <= 10e6
     text = "Return the sum of the elements of the array."
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    # a tokenizer class name that transformers 4 knows too, not only transformers 5's own
+    tokenizer_config = json.loads((MODEL_PATH / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
     size = sum(f.stat().st_size for f in MODEL_PATH.iterdir())
     assert size < 50e6
 
