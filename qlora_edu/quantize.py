@@ -264,8 +264,8 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     # Whole blocks at a time, so the index and float32 buffers stay small and every output value
     # is written once: look up two codes per byte, then scale by the block's absmax.
     step = max(CHUNK // 2 // state.blocksize, 1) * state.blocksize  # values per chunk
-    index = torch.empty(step // 2, dtype=torch.int32, device=packed.device)
-    buffer = torch.empty(step, device=packed.device)
+    index = torch.empty(min(step, size) // 2, dtype=torch.int32, device=packed.device)
+    buffer = torch.empty(min(step, size), device=packed.device)
     for start in range(0, size, step):
         count = min(step, size - start)
         codes = index[: count // 2].copy_(data[start // 2 : (start + count) // 2])
