@@ -146,6 +146,27 @@ def test_double_quantization_against_bitsandbytes(
     assert torch.equal(bnb_dequantize(ours, state.to_bnb()), dequantize_4bit(ours, state))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 4096])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_chunks_of_blocks_join_up(dtype, blocksize, chunk, monkeypatch):
+    """Both directions work through the tensor a chunk of whole blocks at a time: a tensor of
+    several chunks, ending in a partial block, is still bit-identical to bitsandbytes. ``chunk``
+    shrinks the chunks to a few blocks, so that a small tensor spans hundreds of them."""
+    import qlora_edu.quantize
+
+    n = 1_050_017
+    if chunk is not None:
+        monkeypatch.setattr(qlora_edu.quantize, "CHUNK", chunk * blocksize)
+        n = 100 * blocksize + 17
+    A = make_tensor((n,), dtype, seed=3, outlier=True, zero_block=True)
+    kw = dict(blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    ours, state = quantize_4bit(A, **kw)
+    theirs, bnb_state = bnb.quantize_4bit(A, **kw)
+    assert torch.equal(ours, theirs) and torch.equal(state.absmax, bnb_state.absmax)
+    assert torch.equal(dequantize_4bit(ours, state), bnb_dequantize(theirs, bnb_state))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 3000),
