@@ -39,16 +39,39 @@ def save_adapter(
     config = getattr(model, "qlora_config", None)
     if config is None:
         raise ValueError("the model has no LoRA adapters: call get_qlora_model first")
+    write_adapter(
+        path,
+        lora_state_dict(model),
+        r=config["r"],
+        lora_alpha=config["lora_alpha"],
+        target_modules=config["target_modules"],
+        lora_dropout=config["lora_dropout"],
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def write_adapter(
+    path: str | Path,
+    state: dict[str, torch.Tensor],
+    *,
+    r: int,
+    lora_alpha: float,
+    target_modules: str | list[str],
+    lora_dropout: float = 0.0,
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Write LoRA weights keyed as :func:`lora_state_dict` keys them, and the ``LoraConfig`` they
+    were trained with, as a PEFT adapter folder."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": config["r"],
-        "lora_alpha": config["lora_alpha"],
-        "lora_dropout": config["lora_dropout"],
-        "target_modules": config["target_modules"],
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "target_modules": target_modules,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -56,7 +79,7 @@ def save_adapter(
         "modules_to_save": None,
     }
     (path / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
-    save_file(lora_state_dict(model), str(path / "adapter_model.safetensors"))
+    save_file(state, str(path / "adapter_model.safetensors"))
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from qlora_edu.adapters import PREFIX
+from qlora_edu.adapters import PREFIX, write_adapter
 from qlora_edu.base_model import load_base_model, model_name_or_path
 from qlora_edu.finetune import batch_indices, date_task, encode
 from qlora_edu.hardware import qlora_bnb_config
@@ -95,19 +95,6 @@ def full_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             full = param.full_tensor() if hasattr(param, "full_tensor") else param
             state[key] = full.detach().cpu().contiguous()
     return state
-
-
-def save_peft_adapter(
-    state: dict[str, torch.Tensor], path: Path, r: int, modules: Iterable[str]
-) -> None:
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-              "lora_dropout": 0.0, "target_modules": sorted(modules), "bias": "none",
-              "base_model_name_or_path": None, "inference_mode": True}  # fmt: skip
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file(state, str(path / "adapter_model.safetensors"))
 
 
 @record  # a failing rank's error is reported by torchrun's summary too
@@ -179,7 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         modules = {k.removeprefix(PREFIX).split(".")[-3] for k in state}
-        save_peft_adapter(state, args.out / "adapter", args.r, modules)
+        write_adapter(
+            args.out / "adapter",
+            state,
+            r=args.r,
+            lora_alpha=2 * args.r,
+            target_modules=sorted(modules),
+        )
         result = {
             "impl": args.impl,
             "world_size": world,

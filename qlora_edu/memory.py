@@ -47,6 +47,8 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
                       num_attention_heads=52, vocab_size=32000),
     "LLaMA-65B": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
                       num_attention_heads=64, vocab_size=32000),
+    "Llama-2-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
     "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
 }  # fmt: skip
