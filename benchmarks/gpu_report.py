@@ -9,9 +9,11 @@
    same with bitsandbytes' paged AdamW; qlora_edu's QLoRA model; each beside the Chapter 1
    calculator's estimate.
 
-    python benchmarks/gpu_report.py --out benchmarks/results/gpu_report.json
+    python benchmarks/gpu_report.py
 
-On a CPU (``--device cpu --quick``) it runs a small version of the same code: that is what the
+writes qlora_edu/assets/gpu_results/gpu_report_<gpu>_<date>.json: committed there, it ships with the
+package and Chapter 9 shows it (``qlora_edu.hardware.gpu_results()``), on Colab too. On a CPU
+(``--device cpu --quick --out FILE``) it runs a small version of the same code: that is what the
 tests check. Only numbers from a GPU go into the book.
 """
 
@@ -23,6 +25,7 @@ import functools
 import gc
 import json
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -34,7 +37,7 @@ import torch
 
 from qlora_edu import estimate_finetune_memory, get_qlora_model, llama_config
 from qlora_edu.base_model import MODEL_PATH
-from qlora_edu.hardware import compute_dtype, qlora_bnb_config
+from qlora_edu.hardware import GPU_RESULTS, compute_dtype, qlora_bnb_config
 from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit
 
 MiB = 2**20
@@ -218,9 +221,19 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def default_out(env: dict) -> Path:
+    """gpu_report_<gpu>_<date>.json in the package's GPU results (one file per GPU and day)."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", env.get("gpu", env["device"]).lower()).strip("-")
+    return GPU_RESULTS / f"gpu_report_{gpu}_{env['date']}.json"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="default: qlora_edu/assets/gpu_results/gpu_report_<gpu>_<date>.json",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="small sizes (a CPU smoke run)")
     parser.add_argument("--model", default=str(MODEL_PATH), help="the small model (a path)")
@@ -262,9 +275,10 @@ def main(argv=None) -> dict:
                 r=16,
                 repeats=5,
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out = args.out or default_out(report["environment"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
     return report
 
 

@@ -1,4 +1,5 @@
-"""The device, the compute dtype and the 4-bit loading config, chosen in one place (Chapters 8-10).
+"""The device, the compute dtype and the 4-bit loading config, chosen in one place (Chapters 8-10),
+and the GPU measurements shipped with the package (Chapter 9).
 
 bitsandbytes computes a 4-bit layer's matmul in ``bnb_4bit_compute_dtype``. bfloat16 is the right
 choice where the GPU supports it (Ampere and newer); Colab's free T4 (Turing) does not, so float16
@@ -7,12 +8,18 @@ there; on a CPU float32, the dtype its kernels are fastest and exact in.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
+
+# benchmarks/gpu_report.py writes here; the files travel with the package (pyproject.toml's
+# package-data), so a reader who only installed qlora_edu (Colab) sees what the book shows.
+GPU_RESULTS = Path(__file__).parent / "assets" / "gpu_results"
 
 
 def default_device() -> torch.device:
@@ -48,4 +55,16 @@ def qlora_bnb_config(
     )
 
 
-__all__ = ["compute_dtype", "default_device", "qlora_bnb_config"]
+def gpu_results() -> dict[str, dict]:
+    """The GPU reports shipped with qlora_edu (``benchmarks/gpu_report.py``), file name to report,
+    in file name order; empty when none has been measured yet."""
+    return {path.name: json.loads(path.read_text()) for path in sorted(GPU_RESULTS.glob("*.json"))}
+
+
+__all__ = [
+    "GPU_RESULTS",
+    "compute_dtype",
+    "default_device",
+    "gpu_results",
+    "qlora_bnb_config",
+]

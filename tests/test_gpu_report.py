@@ -74,16 +74,42 @@ def test_report_trains_every_implementation_beside_the_estimate(report):
 ROOT = Path(__file__).parents[1]
 
 
-def test_committed_gpu_results_come_from_a_gpu_and_chapter_9_shows_them():
-    results = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+def test_by_default_the_report_goes_where_the_package_ships_it_from(report):
+    import tomllib
+
+    from qlora_edu.hardware import GPU_RESULTS
+
+    _, gpu_report = report
+    env = {"device": "cuda:0", "gpu": "Tesla T4", "date": "2026-11-28"}
+    assert gpu_report.default_out(env) == GPU_RESULTS / "gpu_report_tesla-t4_2026-11-28.json"
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = package_data["package-data"]["qlora_edu"]
+    assert f"{GPU_RESULTS.relative_to(ROOT / 'qlora_edu').as_posix()}/*.json" in shipped
+
+
+def test_shipped_gpu_results_come_from_a_gpu_and_chapter_9_shows_them():
+    from qlora_edu.hardware import gpu_results
+
+    results = gpu_results()
     chapter = (ROOT / "notebooks" / "09_bitsandbytes_peft.ipynb").read_text()
     readme = (ROOT / "README.md").read_text()
     if not results:  # then the book must not pretend otherwise
         assert "No GPU measurement has been committed yet" in chapter
         assert "(none yet)" in readme
-    for path in results:
-        data = json.loads(path.read_text())
+    for name, data in results.items():
         assert data["environment"]["device"].startswith("cuda") and data["environment"]["gpu"]
         assert all(r["dequantized_identical"] for r in data["dequantize"])
         assert all(r["peak_MiB"] > 0 for r in data["training_step"])
-        assert f"{path.name}: {data['environment']['gpu']}" in chapter  # in its stored outputs
+        assert f"{name}: {data['environment']['gpu']}" in chapter  # in its stored outputs
+
+
+def test_gpu_results_reads_every_shipped_report(monkeypatch, tmp_path):
+    from qlora_edu import hardware
+
+    monkeypatch.setattr(hardware, "GPU_RESULTS", tmp_path / "none")
+    assert hardware.gpu_results() == {}
+    monkeypatch.setattr(hardware, "GPU_RESULTS", tmp_path)
+    for name in ("gpu_report_b.json", "gpu_report_a.json"):
+        (tmp_path / name).write_text(json.dumps({"environment": {"gpu": name}}))
+    assert list(hardware.gpu_results()) == ["gpu_report_a.json", "gpu_report_b.json"]
+    assert hardware.gpu_results()["gpu_report_b.json"]["environment"]["gpu"] == "gpu_report_b.json"
