@@ -11,6 +11,8 @@
 - :mod:`qlora_edu.paging` (Chapter 7): a simulated accelerator with paging, and ``PagedAdamW``.
 """
 
+import logging
+
 from qlora_edu.adapters import load_adapter, save_adapter
 from qlora_edu.basics import error_metrics
 from qlora_edu.codebooks import FP4_CODE, INT4_CODE, NF4_CODE, create_dynamic_map, create_normal_map
@@ -30,6 +32,11 @@ from qlora_edu.paging import PagedAdamW, SimulatedDevice
 from qlora_edu.plotting import use_book_style
 from qlora_edu.qlora import QLoRALinear
 from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit, quantize_roundtrip
+
+# bitsandbytes >= 0.50, on a CPU with AVX512-BF16, tries to load an optional batch-1 bf16 kernel
+# from the `kernels` package (fetched from the Hugging Face hub) and logs a warning when it cannot.
+# The book never needs that kernel, and what a chapter prints must not depend on the reader's CPU.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = [
     "PagedAdamW",

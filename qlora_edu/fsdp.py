@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     from torch.distributed.fsdp import fully_shard
 
-    model = build(args.impl, args.r, STORAGE[args.quant_storage], args.model)
+    # Training mode, which from_pretrained does not set: in evaluation mode bitsandbytes 0.50, on a
+    # CPU with AVX512-BF16, repacks 4-bit weights for a bfloat16 inference kernel, and training
+    # through it goes wrong (the loss rose from 5.7 to 9.5 in one step).
+    model = build(args.impl, args.r, STORAGE[args.quant_storage], args.model).train()
     frozen_before = local_bytes(p for p in model.parameters() if not p.requires_grad)
     for layer in decoder_layers(model):
         fully_shard(layer)

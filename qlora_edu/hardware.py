@@ -35,6 +35,24 @@ def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def keep_float32_on_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """Make bitsandbytes' 4-bit layers compute in their compute dtype on every CPU.
+
+    bitsandbytes 0.50, on a CPU with AVX512-BF16 (recent Xeons, AMD Zen 4 and newer), switches a
+    ``Linear4bit`` called in evaluation mode without gradients to a bfloat16 inference kernel: it
+    repacks the weight into a CPU layout and casts the input and the block scales to bfloat16,
+    whatever ``bnb_4bit_compute_dtype`` says. Outputs then differ from float32 compute by about
+    3e-3 relative (bfloat16's precision), on some CPUs and not on others, and a repacked layer keeps
+    that kernel, in training too. The book compares bitsandbytes with its own code, so it turns
+    this off (the layers' own ``support_avx512bf16_for_cpu`` flag): the same path on every CPU.
+    Call it before the first forward pass.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def qlora_bnb_config(
     dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8
 ) -> BitsAndBytesConfig:
@@ -66,5 +84,6 @@ __all__ = [
     "compute_dtype",
     "default_device",
     "gpu_results",
+    "keep_float32_on_cpu",
     "qlora_bnb_config",
 ]
