@@ -23,8 +23,29 @@ NESTED_BLOCKSIZE = 256
 
 
 def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, QuantState]:
-    """Double-quantize first-level absmax values: ``(codes uint8, offset, state2)``."""
+    """Double-quantize first-level absmax values: ``(codes uint8, offset, state2)``.
+
+    Two limits, at the ends of float32's range:
+
+    - The offset is their float32 mean, computed as bitsandbytes computes it. If the absmax values
+      sum to more than float32's largest value (3.4e38), the mean overflows to inf and bitsandbytes
+      silently returns NaN; we raise ValueError instead.
+    - A group of 256 whose second-level absmax is below 2.9e-39 (absmax values all within 3e-39
+      of the offset: weights of about 1e-38 and less) is quantized as bitsandbytes' 8-bit CPU
+      kernel does it, byte for byte: 1/absmax overflows to inf, so each code is the first or the
+      last of the map, and a value exactly equal to the offset gets code 0
+      (:func:`qlora_edu.quantize.quantize_blockwise`). Such absmax values come back off by up to
+      twice their size, even negative; their blocks' weights, all below about 1e-38, are no less
+      zero for it.
+    """
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())  # no blocks: offset 0
+    if not torch.isfinite(offset):
+        raise ValueError(
+            f"cannot double-quantize absmax values as large as {float(absmax.max()):.3g}: their "
+            f"sum exceeds float32's largest value, {torch.finfo(torch.float32).max:.3g}, so their "
+            "mean (the offset) overflows to inf, and bitsandbytes would return NaN; "
+            "use compress_statistics=False"
+        )
     # bitsandbytes' CPU kernel for 8-bit blockwise quantization searches with a lookup table
     codes, absmax2 = quantize_blockwise(
         absmax - offset, DYNAMIC_CODE, NESTED_BLOCKSIZE, search="table"

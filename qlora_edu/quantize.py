@@ -27,6 +27,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANT_TYPES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
 CHUNK = 1 << 20  # values quantized at a time: bounds the extra memory to a few MB
 TABLE_SIZE = 1 << 16  # points of the lookup table of the "table" search
+TINY = 1e-38  # bitsandbytes' 4-bit kernel scales by at most 1 / TINY (see quantize_blockwise)
 
 
 @dataclass
@@ -126,8 +127,20 @@ def quantize_blockwise(
       entries of the sorted code book: the nearest entry (a value on a midpoint goes down).
     - ``"table"`` (its 8-bit CPU kernel): a table of the nearest entry for 65,536 evenly spaced
       points of [-1, 1], read at the point nearest the value. Faster, but a value within half a
-      table step (1.5e-5) of a midpoint can get the neighbouring entry; an all-zero block gets
-      entry 0.
+      table step (1.5e-5) of a midpoint can get the neighbouring entry.
+
+    Tiny blocks, where the two kernels differ and we follow each. 1/absmax overflows float32 (to
+    inf) when absmax is below 2.9e-39, and an all-zero block would give 0 * inf = NaN.
+
+    - ``"nearest"`` scales by 1/max(absmax, ``TINY`` = 1e-38), which stays finite. It stores the
+      true absmax of whole blocks (0 for an all-zero block), but max(absmax, 1e-38) for a final
+      partial block, which it divides by instead of multiplying. So a whole block of 5e-39 is
+      scaled as if its absmax were 1e-38 and comes back at about half its size; a partial one
+      comes back right.
+    - ``"table"`` scales by 1/absmax unclamped, and stores it. Below 2.9e-39 every nonzero value
+      lands on the first or last entry (+-inf clamped to +-1); a zero becomes NaN, which the kernel
+      converts to table point 0 (in C++ an undefined conversion; 0 on the machines we tried), so
+      it gets entry 0, as does every value of an all-zero block.
 
     The work is done ``CHUNK`` values at a time, so no (values x 16) distance matrix and no
     full-size float32 copy is ever made.
@@ -147,18 +160,22 @@ def quantize_blockwise(
         tail = chunk.numel() % blocksize
         blocks = torch.nn.functional.pad(chunk, (0, (-tail) % blocksize)).view(-1, blocksize)
         block_max = blocks.abs().amax(dim=1)
-        scaled = blocks * (1.0 / block_max.clamp(min=1e-38)).unsqueeze(1)
-        if tail and search == "nearest":
-            # bitsandbytes' 4-bit kernel divides a final partial block by its absmax instead of
-            # multiplying by 1/absmax; the two can differ in the last bit, so we do the same.
-            scaled[-1, :tail] = chunk[-tail:] / block_max[-1].clamp(min=1e-38)
+        if search == "nearest":
+            scale = block_max.clamp(min=TINY)
+            scaled = blocks * (1.0 / scale).unsqueeze(1)
+            if tail:  # a final partial block is divided by its clamped absmax, which is stored
+                # (dividing and multiplying by the reciprocal can differ in the last bit)
+                scaled[-1, :tail] = chunk[-tail:] / scale[-1]
+                block_max[-1] = scale[-1]
+        else:
+            scaled = blocks * (1.0 / block_max).unsqueeze(1)
         scaled = scaled.clamp_(-1, 1).view(-1)[: chunk.numel()]
         if table is None:
             found = torch.bucketize(scaled, midpoints, out_int32=True)
         else:
+            scaled = scaled.nan_to_num_(nan=-1.0)  # NaN (0 * inf) reads table point 0
             point = ((scaled + 1.0) * 0.5).double() * (TABLE_SIZE - 1) + 0.5  # as the kernel's fma
             found = table[point.float().long()]
-            found[(block_max == 0).repeat_interleave(blocksize)[: chunk.numel()]] = 0
         if not is_sorted:  # FP4's code book is ordered by bit pattern, not by value
             found = order[found]
         indices[start : start + chunk.numel()] = found

@@ -279,3 +279,95 @@ def test_int4_is_a_quant_type_of_ours_but_not_of_bitsandbytes():
     assert torch.equal(dequantize_4bit(packed, state), quantize_roundtrip(A, "int4"))
     with pytest.raises(ValueError, match="bitsandbytes has no quant_type 'int4'"):
         state.to_bnb()
+
+
+# Edge cases from bitsandbytes' own test suite: tiny and huge values, zeros, meta tensors,
+# tensors that require grad, and arguments of the wrong type.
+
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def assert_same_bits(ours, theirs):
+    """Bit for bit (so -0.0 differs from 0.0). One exception, a property of the CPU: bitsandbytes'
+    AVX-512 loop on a CPU with AVX512-BF16 flushes subnormal bfloat16 results to zero."""
+    ours, theirs = ours.reshape(-1), theirs.reshape(-1)
+    flushed = torch.where(ours.float().abs() < torch.finfo(torch.float32).tiny, ours * 0, ours)
+    same = [torch.equal(o.view(BITS[o.dtype]), theirs.view(BITS[o.dtype])) for o in (ours, flushed)]
+    assert same[0] or (ours.dtype == torch.bfloat16 and same[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", [0.0, 1e-40, 5e-39, 2e-38])
+@pytest.mark.parametrize("n", [64, 32, 96])  # a whole block, a partial one, both
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_tiny_blocks_are_stored_as_bitsandbytes_stores_them(dtype, value, n, quant_type):
+    A = torch.full((n,), value).to(dtype)
+    A[::3] *= -1
+    if n == 96:
+        A[:64] = torch.linspace(-1, 1, 64)
+    kw = dict(blocksize=64, quant_type=quant_type, compress_statistics=False)
+    ours, state = quantize_4bit(A, **kw)
+    theirs, bnb_state = bnb.quantize_4bit(A, **kw)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(state.absmax.view(torch.int32), bnb_state.absmax.view(torch.int32))
+    # The rule: a final partial block stores max(absmax, 1e-38); a whole block its true absmax.
+    true_absmax = A[-(n % 64 or 64) :].float().abs().max()
+    expected = true_absmax.clamp(min=1e-38) if n % 64 else true_absmax
+    assert torch.equal(state.absmax[-1], expected)
+    assert_same_bits(dequantize_4bit(ours, state), bnb_dequantize(theirs, bnb_state))
+
+
+@pytest.mark.parametrize(
+    "dtype,scale", [(torch.float32, 1e-40), (torch.bfloat16, 1e-39), (torch.float32, 3e-39)]
+)
+def test_subnormal_blocks_double_quantize_as_bitsandbytes(dtype, scale):
+    A = (torch.randn(64 * 300, generator=torch.Generator().manual_seed(0)) * scale).to(dtype)
+    A[:64] = 0  # one block equal to... nothing: its absmax is 0
+    kw = dict(blocksize=64, quant_type="nf4", compress_statistics=True)
+    ours, state = quantize_4bit(A, **kw)
+    theirs, bnb_state = bnb.quantize_4bit(A, **kw)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(state.offset, bnb_state.offset)
+    assert torch.equal(state.state2.absmax, bnb_state.state2.absmax)
+    assert torch.equal(state.absmax, bnb_state.absmax)
+    theirs_absmax = bnb.dequantize_blockwise(bnb_state.absmax, bnb_state.state2) + bnb_state.offset
+    assert torch.equal(dequantize_absmax(state), theirs_absmax)
+    assert_same_bits(dequantize_4bit(ours, state), bnb_dequantize(theirs, bnb_state))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 1000),
+    scale=st.sampled_from([1e-45, 1e-41, 1e-40, 2.9e-39, 3e-39, 1e-38, 1e-37]),
+    zeros=st.integers(0, 300),
+    seed=st.integers(0, 10_000),
+)
+def test_8bit_table_search_on_subnormal_blocks_equals_bitsandbytes(n, scale, zeros, seed):
+    A = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale
+    A[seed % n : seed % n + zeros] = 0
+    codes, absmax = quantize_blockwise(A, DYNAMIC_CODE, 256, search="table")
+    theirs, state = bnb.quantize_blockwise(A, blocksize=256)
+    assert torch.equal(codes, theirs)
+    assert torch.equal(absmax, state.absmax)
+
+
+@pytest.mark.parametrize("dtype,value", [(torch.float32, 3e38), (torch.bfloat16, 1e38)])
+def test_absmax_near_the_float32_maximum(dtype, value):
+    A = torch.randn(64 * 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    A[::64] = value
+    # Root cause: the offset, the float32 mean of the absmax values, overflows; bitsandbytes
+    # returns NaN. We refuse, naming the value and the limit.
+    assert bnb.quantize_4bit(A, quant_type="nf4", compress_statistics=True)[1].offset.isinf()
+    message = r"as large as [0-9.]+e\+3[78]: .*largest value, 3\.4e\+38"
+    with pytest.raises(ValueError, match=message):
+        quantize_4bit(A, compress_statistics=True)
+    # Without double quantization, or while the sum stays finite, it is exact.
+    one_huge_block = A[:128].clone()
+    one_huge_block[64] = 1.0
+    for B, compress in ((A, False), (one_huge_block, True)):
+        kw = dict(blocksize=64, quant_type="nf4", compress_statistics=compress)
+        ours, state = quantize_4bit(B, **kw)
+        theirs, bnb_state = bnb.quantize_4bit(B, **kw)
+        assert torch.equal(ours, theirs) and torch.equal(state.absmax, bnb_state.absmax)
+        assert torch.equal(dequantize_4bit(ours, state), bnb_dequantize(theirs, bnb_state))
+        assert torch.isfinite(dequantize_4bit(ours, state)).all()
