@@ -36,7 +36,12 @@ def create_fp4_map() -> torch.Tensor:
     """bitsandbytes' FP4: code ``s e1 e0 m`` -> (-1)^s * 2^(4 - e) * (1 + m/2), or m/16 when e = 0.
 
     Divided by the largest value (12) so that the range is [-1, 1]. Index 8 would be a negative
-    zero; bitsandbytes writes it as the integer ``-0``, which is plain 0, and so do we.
+    zero; bitsandbytes' code book (``get_4bit_type("fp4")``) writes it as the integer ``-0``,
+    which is plain 0, and so do we. Its kernels do not agree on that zero's sign bit: on the CPU
+    the scalar C++ loop (rows whose length is not a multiple of 16, or no AVX-512) and the CUDA
+    kernel write -0.0, the AVX-512 loop and the Python fallback (odd rows) +0.0. Its CPU
+    quantizer puts tiny *positive* values in code 8, so -0.0 would also flip their sign. There
+    is no one behaviour to match, and we keep the code book's +0.0 (equal in value everywhere).
     """
     codes = torch.arange(16)
     sign = 1.0 - 2.0 * (codes >> 3).float()
