@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -85,19 +86,39 @@ class QuantState:
         )
 
 
-def check_input(A: torch.Tensor, blocksize: int) -> None:
-    """Refuse what cannot be quantized, naming the problem."""
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor, got {type(A).__name__}")
-    if A.dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
-        raise TypeError(f"cannot quantize a {A.dtype} tensor; supported dtypes: {names}")
+def check_blocksize(blocksize: int) -> int:
+    """``blocksize`` as a Python int, or an error that names it. Integer types such as NumPy's
+    are accepted; a float (even 64.0), a bool, or a size bitsandbytes does not support are not."""
+    try:
+        if isinstance(blocksize, bool):
+            raise TypeError
+        blocksize = operator.index(blocksize)
+    except TypeError:
+        raise TypeError(
+            f"blocksize must be an integer such as 64, got {type(blocksize).__name__} {blocksize!r}"
+        ) from None
     if blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(
             f"unsupported blocksize {blocksize}; supported: "
             + ", ".join(map(str, SUPPORTED_BLOCKSIZES))
         )
-    bad = ~torch.isfinite(A)
+    return blocksize
+
+
+def check_input(A: torch.Tensor, blocksize: int) -> int:
+    """Refuse what cannot be quantized, naming the problem; return ``blocksize`` as a Python int.
+
+    A ``meta`` tensor has a shape and a dtype but no values, so its values are not checked.
+    """
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(A).__name__}")
+    if A.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"cannot quantize a {A.dtype} tensor; supported dtypes: {names}")
+    blocksize = check_blocksize(blocksize)
+    if A.is_meta:
+        return blocksize
+    bad = ~torch.isfinite(A.detach())
     if bad.any():
         count = int(bad.sum())
         first = tuple(int(i) for i in torch.unravel_index(bad.reshape(-1).nonzero()[0, 0], A.shape))
@@ -106,6 +127,7 @@ def check_input(A: torch.Tensor, blocksize: int) -> None:
             f"cannot quantize: {count} {kinds} value(s), the first at index {first}; "
             "bitsandbytes would silently turn their whole blocks into NaN"
         )
+    return blocksize
 
 
 def _table(midpoints: torch.Tensor) -> torch.Tensor:
@@ -143,14 +165,16 @@ def quantize_blockwise(
       it gets entry 0, as does every value of an all-zero block.
 
     The work is done ``CHUNK`` values at a time, so no (values x 16) distance matrix and no
-    full-size float32 copy is ever made.
+    full-size float32 copy is ever made. ``A`` may require grad (its values are read, no graph is
+    built) or be on the ``meta`` device (the results then have shapes but no values).
     """
-    code = code.to(A.device)
+    code = code.detach().cpu()  # a few values: sorted here, then moved to A's device
     sorted_code, order = torch.sort(code, stable=True)
-    is_sorted = torch.equal(order, torch.arange(code.numel(), device=A.device))
+    is_sorted = torch.equal(order, torch.arange(code.numel()))
     midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
-    table = _table(midpoints) if search == "table" else None
-    flat = A.reshape(-1)
+    table = _table(midpoints).to(A.device) if search == "table" else None
+    midpoints, order = midpoints.to(A.device), order.to(A.device)
+    flat = A.detach().reshape(-1)
     n = flat.numel()
     indices = torch.empty(n, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=A.device)
@@ -224,12 +248,15 @@ def quantize_4bit(
     ``packed`` is a ``(ceil(numel / 2), 1)`` uint8 tensor; ``state`` a :class:`QuantState`.
     With ``compress_statistics`` the absmax values are double-quantized to 8 bits
     (:func:`qlora_edu.double_quant.quantize_absmax`). NaN or Inf raise ValueError, other dtypes
-    TypeError. An empty tensor gives an empty ``packed`` and no blocks. ``A`` is not modified.
-    Unlike bitsandbytes, whose default is FP4, the default here is NF4.
+    TypeError. An empty tensor gives an empty ``packed`` and no blocks. ``A`` is not modified; it
+    may require grad (the results do not). A ``meta`` tensor gives ``packed`` and a state of the
+    right shapes and dtypes, on ``meta``, as bitsandbytes does: how large models are set up
+    before their weights are loaded. Unlike bitsandbytes, whose default is FP4, the default here
+    is NF4.
     """
     from qlora_edu.double_quant import quantize_absmax
 
-    check_input(A, blocksize)
+    blocksize = check_input(A, blocksize)
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {list(QUANT_TYPES)}")
     code = QUANT_TYPES[quant_type]
@@ -258,8 +285,18 @@ def _byte_table(code: tuple[float, ...]) -> torch.Tensor:
     return torch.stack([c[byte >> 4], c[byte & 0xF]], dim=1).view(torch.float64).view(-1)
 
 
+@torch.no_grad()
 def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """Undo :func:`quantize_4bit`: a tensor of the original shape and dtype."""
+    """Undo :func:`quantize_4bit`: a tensor of the original shape and dtype.
+
+    Each value is ``code[index] * absmax`` of its block, multiplied in float32 and rounded once to
+    the dtype, as bitsandbytes does, with the state's code book (so FP4's code 8 is +0.0, see
+    :func:`qlora_edu.codebooks.create_fp4_map`). The result never requires grad, whatever the
+    state's tensors do. It looks up two values per byte in a table; on ``meta``, where there are
+    no values, the same formula is written out plainly. On a CPU with AVX512-BF16, bitsandbytes'
+    AVX-512 loop (rows whose length is a multiple of 16) flushes subnormal bfloat16 results (below
+    1.2e-38) to zero; we keep them, so that the result does not depend on the CPU.
+    """
     from qlora_edu.double_quant import dequantize_absmax
 
     numel = math.prod(state.shape)
@@ -272,6 +309,10 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     if state.absmax.numel() != blocks:
         raise ValueError(f"state has {state.absmax.numel()} absmax values for {blocks} blocks")
     absmax = dequantize_absmax(state) if state.nested else state.absmax
+    if packed.is_meta:
+        indices = unpack_4bit(packed, numel)
+        values = dequantize_blockwise(indices, absmax, state.code, state.blocksize)
+        return values.to(state.dtype).view(state.shape)
     table = _byte_table(tuple(state.code.tolist())).to(packed.device)
     size = state.blocksize * blocks  # a final partial block is filled up, then cut off
     data = packed.reshape(-1).view(torch.uint8)
@@ -303,7 +344,7 @@ def quantize_roundtrip(
     what a layer computes with after quantization, to measure the error of a code book."""
     from qlora_edu.codebooks import CODE_BOOKS
 
-    check_input(A, blocksize)
+    blocksize = check_input(A, blocksize)
     code = CODE_BOOKS[code] if isinstance(code, str) else code
     indices, absmax = quantize_blockwise(A, code, blocksize)
     return dequantize_blockwise(indices, absmax, code, blocksize).view(A.shape).to(A.dtype)

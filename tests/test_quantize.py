@@ -391,3 +391,75 @@ def test_fp4_zeros_get_bitsandbytes_codes_and_a_plus_zero():
             assert not torch.signbit(result[result == 0]).any()  # all +0.0
             assert torch.signbit(reference[3]).item() == bnb_sign
     assert torch.signbit(FP4_CODE).tolist() == [False] * 9 + [True] * 7
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_tensor_that_requires_grad_quantizes_and_dequantizes_without_a_graph(compress):
+    weight = torch.nn.Parameter(torch.randn(32, 64))
+    packed, state = quantize_4bit(weight, compress_statistics=compress)
+    assert not any(t.requires_grad for t in (packed, state.absmax, state.code))
+    result = dequantize_4bit(packed, state)
+    plain = dequantize_4bit(*quantize_4bit(weight.detach(), compress_statistics=compress))
+    assert not result.requires_grad and torch.equal(result, plain)
+    # A state whose float tensors require grad (made elsewhere) dequantizes too, without a graph.
+    if compress:
+        state.offset = state.offset.clone().requires_grad_(True)
+    else:
+        state.absmax = state.absmax.clone().requires_grad_(True)
+    assert not dequantize_4bit(packed, state).requires_grad
+    # (bitsandbytes' result would require grad, through a function without a derivative.)
+
+
+@pytest.mark.parametrize(
+    "blocksize,error,message",
+    [
+        (64.0, TypeError, "blocksize must be an integer such as 64, got float 64.0"),
+        (True, TypeError, "blocksize must be an integer such as 64, got bool True"),
+        ("64", TypeError, "blocksize must be an integer such as 64, got str '64'"),
+        (65, ValueError, "unsupported blocksize 65"),
+    ],
+)
+def test_a_blocksize_of_the_wrong_type_is_named(blocksize, error, message):
+    from qlora_edu import quantize_roundtrip
+
+    with pytest.raises(error, match=message):
+        quantize_4bit(torch.randn(256), blocksize=blocksize)
+    with pytest.raises(error, match=message):
+        quantize_roundtrip(torch.randn(256), blocksize=blocksize)
+
+
+def test_a_numpy_integer_blocksize_is_accepted():
+    import numpy as np
+
+    A = torch.randn(300)
+    packed, state = quantize_4bit(A, blocksize=np.int64(128))
+    assert type(state.blocksize) is int and state.blocksize == 128
+    assert torch.equal(packed, quantize_4bit(A, blocksize=128)[0])
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (3, 5), (7,), (0, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("compress", [False, True])
+def test_meta_tensors_give_bitsandbytes_shapes_and_dtypes(shape, dtype, compress):
+    A = torch.empty(shape, dtype=dtype, device="meta")
+    ours, state = quantize_4bit(A, compress_statistics=compress)
+    theirs, bnb_state = bnb.quantize_4bit(A, quant_type="nf4", compress_statistics=compress)
+
+    def described(*tensors):
+        return [None if t is None else (t.shape, t.dtype, t.device.type) for t in tensors]
+
+    def state_tensors(s):
+        nested = (s.state2.absmax, s.state2.code) if s.state2 is not None else (None, None)
+        return (s.absmax, s.code, s.offset, *nested)
+
+    assert described(ours, *state_tensors(state)) == described(theirs, *state_tensors(bnb_state))
+    assert (state.shape, state.dtype, state.blocksize) == (
+        bnb_state.shape,
+        bnb_state.dtype,
+        bnb_state.blocksize,
+    )
+    if A.numel():  # bitsandbytes cannot dequantize an empty tensor
+        assert described(dequantize_4bit(ours, state)) == described(
+            bnb.dequantize_4bit(theirs, bnb_state)
+        )
+    assert described(dequantize_4bit(ours, state)) == described(torch.empty_like(A))
