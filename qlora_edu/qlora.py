@@ -4,8 +4,10 @@
 (``qlora_edu.quantize_4bit``), frozen, and adds a trainable LoRA adapter. Its matmul is a custom
 autograd function that dequantizes the weight in the forward pass, uses it, and lets it go; the
 backward pass dequantizes it again to compute the input gradient. The frozen weight gets no
-gradient, and no dequantized weight is kept between forward and backward. As in bitsandbytes'
-``Linear4bit``, the input is cast to ``compute_dtype`` and the output back to the input's dtype.
+gradient, and no dequantized weight is kept between forward and backward; the bias is frozen too,
+unless it is made trainable (``layer.bias.requires_grad_(True)``, peft's ``bias="all"``). As in
+bitsandbytes' ``Linear4bit``, the input is cast to ``compute_dtype`` and the output back to the
+input's dtype.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ class Linear4bitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (packed,) = ctx.saved_tensors
-        grad_x = None
+        grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             weight = dequantize_4bit(packed, ctx.state).to(grad_output.dtype)  # recomputed
             grad_x = grad_output @ weight
-        return grad_x, None, None, None  # the frozen weight and bias get no gradient
+        if ctx.needs_input_grad[3]:  # a trainable bias (peft's bias="all" or "lora_only")
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias  # the frozen weight never gets a gradient
 
 
 class QLoRALinear(LoRAAdapter):

@@ -272,3 +272,22 @@ def test_explicit_target_modules():
         "lora_A",
         "lora_B",
     }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [(3,), (2, 5), (0,)])
+def test_a_trainable_bias_gets_the_gradient_of_a_plain_linear(dtype, batch):
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_linear(nn.Linear(64, 32), r=4)
+    layer.bias.requires_grad_(True)  # peft's bias="all" or "lora_only"
+    x = torch.randn(*batch, 64).to(dtype).requires_grad_(True)
+    g = torch.randn(*batch, 32).to(dtype)
+    (layer(x) * g).sum().backward()
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    weight = layer.dequantized_weight().to(dtype)
+    (torch.nn.functional.linear(x_ref, weight, bias.to(dtype)) * g).sum().backward()
+    assert layer.bias.grad.dtype == layer.bias.dtype == torch.float32
+    assert torch.equal(layer.bias.grad, bias.grad)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert layer.weight_packed.grad is None
