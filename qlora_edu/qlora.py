@@ -7,7 +7,7 @@ backward pass dequantizes it again to compute the input gradient. The frozen wei
 gradient, and no dequantized weight is kept between forward and backward; the bias is frozen too,
 unless it is made trainable (``layer.bias.requires_grad_(True)``, peft's ``bias="all"``). As in
 bitsandbytes' ``Linear4bit``, the input is cast to ``compute_dtype`` and the output back to the
-input's dtype.
+input's dtype. The layer compiles with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations

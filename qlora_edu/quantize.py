@@ -277,10 +277,12 @@ def quantize_4bit(
 
 
 @functools.lru_cache(maxsize=8)
-def _byte_table(code: tuple[float, ...]) -> torch.Tensor:
+def _byte_table(code_bits: tuple[int, ...]) -> torch.Tensor:
     """The two code values each packed byte stands for, high nibble first, one 8-byte entry per
-    byte: the entry is a float64 only as a container of two float32s, so one gather copies both."""
-    c = torch.tensor(code + (0.0,) * (16 - len(code)), dtype=torch.float32)  # INT4 has 15 codes
+    byte: the entry is a float64 only as a container of two float32s, so one gather copies both.
+    The cache is keyed by the code book's bit patterns, which tell -0.0 from 0.0."""
+    bits = torch.tensor(code_bits + (0,) * (16 - len(code_bits)), dtype=torch.int32)  # INT4: 15
+    c = bits.view(torch.float32)
     byte = torch.arange(256)
     return torch.stack([c[byte >> 4], c[byte & 0xF]], dim=1).view(torch.float64).view(-1)
 
@@ -292,10 +294,11 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     Each value is ``code[index] * absmax`` of its block, multiplied in float32 and rounded once to
     the dtype, as bitsandbytes does, with the state's code book (so FP4's code 8 is +0.0, see
     :func:`qlora_edu.codebooks.create_fp4_map`). The result never requires grad, whatever the
-    state's tensors do. It looks up two values per byte in a table; on ``meta``, where there are
-    no values, the same formula is written out plainly. On a CPU with AVX512-BF16, bitsandbytes'
-    AVX-512 loop (rows whose length is a multiple of 16) flushes subnormal bfloat16 results (below
-    1.2e-38) to zero; we keep them, so that the result does not depend on the CPU.
+    state's tensors do. Eager mode looks up two values per byte in a table; under
+    ``torch.compile`` (and on ``meta``, where there are no values) the same formula is written out
+    plainly, for the compiler to fuse. On a CPU with AVX512-BF16, bitsandbytes' AVX-512 loop (rows
+    whose length is a multiple of 16) flushes subnormal bfloat16 results (below 1.2e-38) to zero;
+    we keep them, so that the result does not depend on the CPU.
     """
     from qlora_edu.double_quant import dequantize_absmax
 
@@ -309,11 +312,11 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     if state.absmax.numel() != blocks:
         raise ValueError(f"state has {state.absmax.numel()} absmax values for {blocks} blocks")
     absmax = dequantize_absmax(state) if state.nested else state.absmax
-    if packed.is_meta:
+    if torch.compiler.is_compiling() or packed.is_meta:
         indices = unpack_4bit(packed, numel)
         values = dequantize_blockwise(indices, absmax, state.code, state.blocksize)
         return values.to(state.dtype).view(state.shape)
-    table = _byte_table(tuple(state.code.tolist())).to(packed.device)
+    table = _byte_table(tuple(state.code.float().view(torch.int32).tolist())).to(packed.device)
     size = state.blocksize * blocks  # a final partial block is filled up, then cut off
     data = packed.reshape(-1).view(torch.uint8)
     if data.numel() < size // 2:
