@@ -90,7 +90,8 @@ class QLoRALinear(LoRAAdapter):
         blocksize: int = 64,
         compute_dtype: torch.dtype | None = None,
     ) -> QLoRALinear:
-        """Quantize ``linear``'s weight to 4 bits and wrap it with a fresh LoRA adapter."""
+        """Quantize ``linear``'s weight to 4 bits and wrap it with a fresh LoRA adapter, on the
+        weight's device (on ``meta``: a layer of the right shapes, without values)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         packed, state = quantize_4bit(
@@ -99,7 +100,8 @@ class QLoRALinear(LoRAAdapter):
             quant_type=quant_type,
             compress_statistics=compress_statistics,
         )
-        return cls(packed, state, linear.bias, r, lora_alpha, lora_dropout, compute_dtype)
+        layer = cls(packed, state, linear.bias, r, lora_alpha, lora_dropout, compute_dtype)
+        return layer.to(linear.weight.device)
 
     @property
     def quant_state(self) -> QuantState:

@@ -329,3 +329,14 @@ def test_the_layer_compiles_as_one_graph_forward_and_backward():
     assert torch.equal(
         compiled_dequantize(layer.weight_packed, state), dequantize_4bit(layer.weight_packed, state)
     )
+
+
+def test_from_linear_on_meta_gives_the_shapes_of_a_real_layer():
+    real = QLoRALinear.from_linear(nn.Linear(128, 96), r=4)
+    meta = QLoRALinear.from_linear(nn.Linear(128, 96, device="meta"), r=4)
+    tensors = dict(meta.named_buffers()) | dict(meta.named_parameters())
+    assert all(t.device.type == "meta" for t in tensors.values())
+    for name, t in (dict(real.named_buffers()) | dict(real.named_parameters())).items():
+        assert (t.shape, t.dtype) == (tensors[name].shape, tensors[name].dtype), name
+    out = meta(torch.empty(5, 128, device="meta"))
+    assert out.shape == (5, 96) and out.device.type == "meta"
