@@ -304,31 +304,29 @@ def test_the_layer_compiles_as_one_graph_forward_and_backward():
     nn.init.normal_(layer.lora_B.weight)
     layer.bias.requires_grad_(True)
     x = torch.randn(3, 128)
+    state = dataclasses.replace(layer.quant_state, dtype=torch.bfloat16)
 
-    def run(forward):
+    def forward(t, checkpointed=False):
+        out = checkpoint(layer, t, use_reentrant=False) if checkpointed else layer(t)
+        return out, dequantize_4bit(layer.weight_packed, state)
+
+    def run(function):
         layer.zero_grad()
         x_ = x.clone().requires_grad_(True)
-        out = forward(x_)
+        out, weight = function(x_)
         out.square().sum().backward()
-        return [out, x_.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+        return weight, [out, x_.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
 
-    eager = run(layer)
+    weight, eager = run(forward)
     torch._dynamo.reset()
-    compiled = run(torch.compile(layer, fullgraph=True))
-    checkpointed = run(
-        torch.compile(
-            lambda t: checkpoint(layer, t, use_reentrant=False), fullgraph=True, backend="aot_eager"
-        )
+    compiled_weight, compiled = run(torch.compile(forward, fullgraph=True))
+    _, checkpointed = run(
+        torch.compile(lambda t: forward(t, checkpointed=True), fullgraph=True, backend="aot_eager")
     )
     for ours in (compiled, checkpointed):
         for a, b in zip(ours, eager, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # The dequantized weight itself is bit-identical compiled and eager.
-    state = dataclasses.replace(layer.quant_state, dtype=torch.bfloat16)
-    compiled_dequantize = torch.compile(dequantize_4bit, fullgraph=True)
-    assert torch.equal(
-        compiled_dequantize(layer.weight_packed, state), dequantize_4bit(layer.weight_packed, state)
-    )
+    assert torch.equal(compiled_weight, weight)  # dequantized bit for bit (bfloat16 here)
 
 
 def test_from_linear_on_meta_gives_the_shapes_of_a_real_layer():
