@@ -46,6 +46,7 @@ METHODS = {
 }
 MONTHS = [datetime.date(2000, m, 1).strftime("%B") for m in range(1, 13)]
 CHECKPOINT = "checkpoint.pt"
+EXPERIMENTS = Path(__file__).resolve().parent / "assets" / "experiments" / "finetune.json"
 
 
 def date_examples(n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
@@ -291,6 +292,12 @@ def finetune(
     if out_dir is not None:
         save_adapter(model, Path(out_dir) / "adapter")
     return history
+
+
+def experiment_results() -> dict:
+    """Chapter 8's experiment grids as committed: made by ``scripts/experiments.py``, which says
+    what each field holds."""
+    return json.loads(EXPERIMENTS.read_text())
 
 
 def main(argv: list[str] | None = None) -> dict:
