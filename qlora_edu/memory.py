@@ -94,6 +94,7 @@ def count_parameters(config: PretrainedConfig) -> ParameterCount:
     _check_config(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+        model.tie_weights()  # transformers 5.0 leaves a meta model's embeddings untied
     head = model.get_output_embeddings()
     shapes = tuple(
         tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear) and m is not head
