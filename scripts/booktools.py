@@ -22,25 +22,63 @@ def repository_url() -> str:
     return book_config()["repository"]["url"].rstrip("/")
 
 
-def colab_url(notebook: str) -> str:
-    """The Colab link of a notebook (a path relative to the repository root)."""
-    config = book_config()
+# The branch the publishing workflow (.github/workflows/pages.yml) writes the notebooks to, each
+# with its setup cell pinned to the commit the book was built from: `notebooks/` (the full book)
+# and `student/notebooks/` (the student edition, without solutions). The published books' launch
+# buttons open them there.
+PUBLISHED_BRANCH = "published"
+STUDENT_PATH = "student"
+
+# What the setup cell reports after installing (distribution names).
+SETUP_REPORTS = ("qlora-edu", "torch", "bitsandbytes", "transformers", "peft", "accelerate")
+
+
+def declared_floors() -> dict[str, str]:
+    """The floors pyproject.toml declares (``name>=version``), by lower-case name."""
+    import tomllib
+
+    requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    found = (re.fullmatch(r"([\w.-]+)\s*>=\s*([\w.]+)", r) for r in requirements)
+    return {m[1].lower(): m[2] for m in found if m}
+
+
+def book_ref() -> str:
+    """The git ref that launch buttons open notebooks at and the setup cell installs qlora_edu
+    from: `repository.branch` in _config.yml, the one source for both."""
+    return str(book_config()["repository"].get("branch", "main"))
+
+
+def colab_url(notebook: str, ref: str | None = None) -> str:
+    """The Colab link of a notebook (a path relative to the repository root) at ``ref``."""
     repo = repository_url().removeprefix("https://github.com/")
-    branch = config["repository"].get("branch", "main")
-    return f"https://colab.research.google.com/github/{repo}/blob/{branch}/{notebook}"
+    return f"https://colab.research.google.com/github/{repo}/blob/{ref or book_ref()}/{notebook}"
 
 
-def setup_cell_source() -> str:
-    """The first cell of every notebook: installs qlora_edu on Colab, does nothing elsewhere."""
-    return f"""# Setup: on Google Colab, install qlora_edu (and bitsandbytes) from the book's
-# repository, keeping Colab's own PyTorch. Anywhere else this cell does nothing.
+def student_colab_url(name: str) -> str:
+    """Where the student edition's launch button opens the notebook ``name`` (a file name)."""
+    return colab_url(f"{STUDENT_PATH}/notebooks/{name}", PUBLISHED_BRANCH)
+
+
+def setup_cell_source(ref: str | None = None, package: str | None = None) -> str:
+    """The first cell of every notebook: on Colab, installs qlora_edu at ``ref`` (default
+    :func:`book_ref`) and upgrades what is older than its floors; elsewhere it does nothing.
+
+    ``package`` replaces the pip requirement (the tests install from a local folder)."""
+    package = package or f"qlora-edu @ git+{repository_url()}@{ref or book_ref()}"
+    names = ", ".join(f'"{name}"' for name in SETUP_REPORTS)
+    return f"""# Setup for Google Colab: installs this book's qlora_edu and the libraries it needs.
+# pip upgrades any library older than the book's floors (pyproject.toml) and keeps the rest,
+# Colab's PyTorch included when it is new enough. Anywhere else this cell does nothing.
 import sys
 
 if "google.colab" in sys.modules:
     import subprocess
+    from importlib.metadata import version
 
-    package = "qlora-edu @ git+{repository_url()}@main"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", package], check=True)"""
+    book = "{package}"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", book], check=True)
+    for name in ({names}):
+        print(name, version(name))"""
 
 
 def notebook_paths() -> list[Path]:

@@ -107,7 +107,7 @@ def test_colab_links_derive_from_the_repository_url():
         f"https://colab.research.google.com/github/{url.removeprefix('https://github.com/')}"
         "/blob/main/notebooks/01_memory_wall.ipynb"
     )
-    assert url in setup_cell_source()
+    assert f"git+{url}@{config['repository']['branch']}" in setup_cell_source()
 
 
 def _names(requirements):
