@@ -1,7 +1,9 @@
 """The student edition: the notebooks without their solution cells, and the book built from them.
 
 Writes _build/student/notebooks (hand these to students) and _build/student/_build/html, built
-from a copy of the book's sources in which every notebook has had its solutions removed.
+from a copy of the book's sources in which every notebook has had its solutions removed. Its launch
+buttons open the student notebooks where the publishing workflow puts them: `student/notebooks/`
+on the published branch (booktools.PUBLISHED_BRANCH), never the full notebooks on main.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from pathlib import Path
 
 import nbformat
 import yaml
-from booktools import ROOT, book_config, notebook_paths, strip_solutions
+from booktools import (
+    PUBLISHED_BRANCH,
+    ROOT,
+    STUDENT_PATH,
+    book_config,
+    notebook_paths,
+    strip_solutions,
+)
 
 OUT = ROOT / "_build" / "student"
 
@@ -32,6 +41,8 @@ def main() -> None:
     config = book_config()
     config["title"] += " (student edition)"
     config["sphinx"]["config"]["hide_solutions"] = True
+    # launch buttons open PUBLISHED_BRANCH/STUDENT_PATH/notebooks/: booktools.student_colab_url
+    config["repository"] |= {"branch": PUBLISHED_BRANCH, "path_to_book": STUDENT_PATH}
     (source / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     jb = Path(sys.executable).with_name("jupyter-book")
     command = [str(jb), "build", str(source), "--path-output", str(OUT), "-W", "-n", "--keep-going"]

@@ -12,7 +12,14 @@ import threading
 
 import nbformat
 import pytest
-from booktools import ROOT, colab_url, notebook_paths, solution_texts, toc_files
+from booktools import (
+    ROOT,
+    colab_url,
+    notebook_paths,
+    solution_texts,
+    student_colab_url,
+    toc_files,
+)
 
 pytestmark = pytest.mark.browser
 HTML = ROOT / "_build" / "html"
@@ -186,3 +193,23 @@ def test_student_edition_leaks_no_solution(path):
     assert not [t for t in shown if t in student]
     assert not soup.select(".solution"), "a solution block was rendered"
     assert soup.select(".exercise"), "the exercises must stay"
+
+
+def test_student_launch_buttons_open_student_notebooks():
+    """Every Colab link of the built student edition opens its page's notebook of the student
+    edition (published without solutions), never a full notebook."""
+    from bs4 import BeautifulSoup
+
+    html = STUDENT / "_build" / "html"
+    pages = sorted(html.rglob("*.html"))
+    assert pages, "the student edition is not built: run `make student` first"
+    linked = set()
+    for page in pages:
+        soup = BeautifulSoup(page.read_text(), "html.parser")
+        for a in soup.find_all("a", href=True):
+            if "colab.research.google.com" in a["href"]:
+                assert page.parent == html / "notebooks", f"{page}: a Colab link off a chapter"
+                assert a["href"] == student_colab_url(f"{page.stem}.ipynb")
+                linked.add(page.stem)
+    assert linked == {p.stem for p in notebook_paths()}  # every chapter has its button
+    assert all((STUDENT / "notebooks" / p.name).exists() for p in notebook_paths())
