@@ -61,14 +61,16 @@ def student_colab_url(name: str) -> str:
 
 def setup_cell_source(ref: str | None = None, package: str | None = None) -> str:
     """The first cell of every notebook: on Colab, installs qlora_edu at ``ref`` (default
-    :func:`book_ref`) and upgrades what is older than its floors; elsewhere it does nothing.
+    :func:`book_ref`) and upgrades what is older than its floors; everywhere, it imports
+    qlora_edu (which quiets a CPU-dependent notice of bitsandbytes) and prints nothing else.
 
     ``package`` replaces the pip requirement (the tests install from a local folder)."""
     package = package or f"qlora-edu @ git+{repository_url()}@{ref or book_ref()}"
     names = ", ".join(f'"{name}"' for name in SETUP_REPORTS)
     return f"""# Setup for Google Colab: installs this book's qlora_edu and the libraries it needs.
 # pip upgrades any library older than the book's floors (pyproject.toml) and keeps the rest,
-# Colab's PyTorch included when it is new enough. Anywhere else this cell does nothing.
+# Colab's PyTorch included when it is new enough. Anywhere else it only imports qlora_edu.
+import importlib
 import sys
 
 if "google.colab" in sys.modules:
@@ -78,7 +80,10 @@ if "google.colab" in sys.modules:
     book = "{package}"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", book], check=True)
     for name in ({names}):
-        print(name, version(name))"""
+        print(name, version(name))
+
+# Imported before bitsandbytes, qlora_edu quiets a bitsandbytes notice only some CPUs print.
+importlib.import_module("qlora_edu")"""
 
 
 def notebook_paths() -> list[Path]:

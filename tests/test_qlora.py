@@ -21,7 +21,7 @@ from qlora_edu import (
     quantize_4bit,
     save_adapter,
 )
-from qlora_edu.hardware import qlora_bnb_config
+from qlora_edu.hardware import keep_float32_on_cpu, qlora_bnb_config
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -42,6 +42,7 @@ def saved_base(tmp_path_factory):
 def peft_qlora(path, r=8):
     config = qlora_bnb_config(torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+    keep_float32_on_cpu(model)  # the float32 path on every CPU (no bfloat16 inference kernel)
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=16, target_modules="all-linear"))
 
 
@@ -165,7 +166,7 @@ def test_adapter_round_trips_through_peft(saved_base, tmp_path):
         quantization_config=qlora_bnb_config(torch.float32),
         device_map="cpu",
     )
-    theirs = PeftModel.from_pretrained(base, tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(keep_float32_on_cpu(base), tmp_path / "ours")
     ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(
         ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5
