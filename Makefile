@@ -12,7 +12,7 @@ NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help env book student notebooks test lint unit nbval browser bench clean
+.PHONY: help env book student notebooks test test-floors lint unit nbval browser bench clean
 
 help:
 	@echo "make book       build the book into _build/html (stored notebook outputs, warnings are errors)"
@@ -20,6 +20,7 @@ help:
 	@echo "make notebooks  re-execute every notebook top to bottom and store its outputs"
 	@echo "make student    the student edition (no solutions) into _build/student"
 	@echo "make bench      benchmarks against bitsandbytes (not part of the tests)"
+	@echo "make test-floors  every notebook's asserts with the lowest versions pyproject.toml allows"
 
 env: $(VENV)/.installed
 
@@ -62,6 +63,20 @@ test: lint unit nbval browser
 bench: env
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/qlora_linear.py
+
+# The floors: a second environment with the libraries at the lowest versions pyproject.toml allows
+# (constraints-floors.txt); every notebook must run top to bottom (outputs may differ, asserts not).
+FLOORS := .venv-floors
+FLOORS_PIP := $(FLOORS)/bin/python -m pip install --quiet --constraint constraints-floors.txt
+
+$(FLOORS)/.installed: pyproject.toml constraints-floors.txt
+	test -x $(FLOORS)/bin/python || $(PYTHON) -m venv $(FLOORS)
+	$(if $(TORCH_INDEX),$(FLOORS_PIP) --retries 0 --index-url $(TORCH_INDEX) torch ||) $(FLOORS_PIP) torch
+	$(FLOORS_PIP) -e . ipykernel nbclient
+	touch $@
+
+test-floors: $(FLOORS)/.installed
+	$(FLOORS)/bin/python scripts/check_floors.py
 
 clean:
 	rm -rf _build

@@ -9,12 +9,14 @@ import yaml
 from booktools import (
     ROOT,
     colab_url,
+    declared_floors,
     notebook_paths,
     setup_cell_source,
     solution_spans,
     strip_solutions,
     toc_files,
 )
+from packaging.version import Version
 
 NOTEBOOKS = notebook_paths()
 NB_IDS = [p.name for p in NOTEBOOKS]
@@ -108,6 +110,18 @@ def test_colab_links_derive_from_the_repository_url():
         "/blob/main/notebooks/01_memory_wall.ipynb"
     )
     assert f"git+{url}@{config['repository']['branch']}" in setup_cell_source()
+
+
+def test_the_floors_are_declared_and_tested_at_exactly_those_versions():
+    """constraints-floors.txt (`make test-floors`) pins each library the notebooks lean on at
+    the floor pyproject.toml declares: a floor nobody ran is not a floor."""
+    declared = declared_floors()
+    lines = (ROOT / "constraints-floors.txt").read_text().splitlines()
+    tested = dict(line.lower().split("==") for line in lines if line[:1].isalpha())
+    assert {"torch", "bitsandbytes", "transformers", "peft", "accelerate"} <= tested.keys()
+    for name, version in tested.items():
+        assert name in declared, f"{name} is tested at a floor but not declared"
+        assert Version(version) == Version(declared[name]), name
 
 
 def _names(requirements):
