@@ -12,12 +12,13 @@ NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help env book student notebooks test test-floors lint unit nbval browser bench clean
+.PHONY: help env book student notebooks experiments test test-floors lint unit nbval browser bench clean
 
 help:
 	@echo "make book       build the book into _build/html (stored notebook outputs, warnings are errors)"
 	@echo "make test       lint, unit/property tests, every notebook under nbval, the book, a browser check"
 	@echo "make notebooks  re-execute every notebook top to bottom and store its outputs"
+	@echo "make experiments  run Chapter 8's experiment grids and store their results"
 	@echo "make student    the student edition (no solutions) into _build/student"
 	@echo "make bench      benchmarks against bitsandbytes (not part of the tests)"
 	@echo "make test-floors  every notebook's asserts with the lowest versions pyproject.toml allows"
@@ -52,13 +53,20 @@ lint: env
 unit: env
 	$(PY) -m pytest tests -m "not browser"
 
+# The stored outputs are made natively (often with AVX-512); nbval re-executes the notebooks with
+# PyTorch's CPU kernels limited to AVX2 (scripts/avx2.py), so they must not depend on either. It
+# prints each notebook's time and fails one far over its 5-minute budget (notebooks/conftest.py).
 nbval: env
-	$(PY) -m pytest $(NBVAL) notebooks
+	$(PY) scripts/avx2.py $(PY) -m pytest $(NBVAL) notebooks
 
 browser: book student
 	$(PY) -m pytest tests -m browser
 
 test: lint unit nbval browser
+
+# Chapter 8's experiment grids (minutes on 2 idle cores), committed in qlora_edu/assets/experiments/
+experiments: env
+	$(PY) scripts/experiments.py
 
 bench: env
 	$(PY) benchmarks/quantize.py

@@ -83,7 +83,7 @@ if "google.colab" in sys.modules:
         print(name, version(name))
 
 # Imported before bitsandbytes, qlora_edu quiets a bitsandbytes notice only some CPUs print.
-importlib.import_module("qlora_edu")"""
+_ = importlib.import_module("qlora_edu")"""
 
 
 def notebook_paths() -> list[Path]:
