@@ -28,8 +28,9 @@ from qlora_edu.loftq import (
 from qlora_edu.merge import Linear4bit, merge_and_unload
 from qlora_edu.model import quantize_linear_weights
 
-# Rows of whole blocks of 64: bitsandbytes 0.50's CPU dequantize_4bit gives wrong values for rows
-# whose length is not a multiple of the blocksize (e.g. 160), and peft's merge dequantizes with it.
+# Rows of whole blocks of 64: bitsandbytes 0.50.2's CPU dequantize_4bit (its C++ kernel, seen on an
+# AVX-512 CPU) gives wrong values for rows whose length is not a multiple of the blocksize (160,
+# 96), and peft's merge dequantizes with it.
 CONFIG = small_llama_config(intermediate_size=192)
 
 
