@@ -10,8 +10,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-SOLUTION_START = re.compile(r"^\s*```\{solution-start\}", re.MULTILINE)
-SOLUTION_END = re.compile(r"^\s*```\{solution-end\}", re.MULTILINE)
+# A ```{solution-start}``` or ```{solution-end}``` fence, from its first line to its closing ```.
+SOLUTION_FENCE = re.compile(r"^[ \t]*```\{solution-(start|end)\}.*?^[ \t]*```[ \t]*$", re.M | re.S)
 
 
 def book_config() -> dict:
@@ -99,37 +99,48 @@ def toc_files() -> list[str]:
     return files
 
 
-def solution_spans(nb) -> list[tuple[int, int]]:
-    """Index ranges [start, end] of the cells that make up each gated solution."""
-    spans, start = [], None
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type != "markdown":
-            continue
-        if SOLUTION_START.search(cell.source):
-            start = i
-        if SOLUTION_END.search(cell.source) and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
+def solution_parts(nb) -> list[list[tuple[str, bool]]]:
+    """Each cell's source cut at the solution fences, as (text, inside a solution) pieces. A
+    solution runs from a `{solution-start}` fence to the next `{solution-end}` fence, both included:
+    over whole cells (code cells too) and over the parts of the cells that hold the fences."""
+    cells, inside = [], False
+    for cell in nb.cells:
+        parts, pos = [], 0
+        fences = SOLUTION_FENCE.finditer(cell.source) if cell.cell_type == "markdown" else ()
+        for fence in fences:
+            parts += [(cell.source[pos : fence.start()], inside), (fence[0], True)]
+            inside, pos = fence[1] == "start", fence.end()
+        cells.append([*parts, (cell.source[pos:], inside)])
+    return cells
 
 
 def strip_solutions(nb):
-    """A copy of the notebook without its solution cells."""
-    drop = {i for a, b in solution_spans(nb) for i in range(a, b + 1)}
+    """A copy of the notebook without its solutions and nothing else: a cell that holds a fence
+    keeps its text outside the solution (a Summary after the last `{solution-end}`, say), and is
+    dropped only if nothing is left."""
     copy = nbformat.from_dict(nb)
-    copy.cells = [c for i, c in enumerate(nb.cells) if i not in drop]
+    cells = []
+    for cell, parts in zip(copy.cells, solution_parts(nb), strict=True):
+        kept = [text.strip("\n") for text, inside in parts if not inside and text.strip()]
+        if len(parts) == 1:  # no fence: the cell is wholly inside a solution or wholly outside
+            kept = [] if parts[0][1] else [cell.source]
+        if kept:
+            cell.source = "\n\n".join(kept)
+            cells.append(cell)
+    copy.cells = cells
     return copy
 
 
 def solution_texts(nb) -> list[str]:
-    """The distinctive lines of the solution cells (those that appear nowhere else in the
-    chapter): what must never reach a student."""
-    inside = {i for a, b in solution_spans(nb) for i in range(a, b + 1)}
-    elsewhere = "\n".join(cell.source for i, cell in enumerate(nb.cells) if i not in inside)
+    """The distinctive lines of the solutions (those that appear nowhere else in the chapter):
+    what must never reach a student."""
+    parts = [part for cell in solution_parts(nb) for part in cell]
+    elsewhere = "\n".join(text for text, inside in parts if not inside)
     return [
         line.strip()
-        for i in sorted(inside)
-        for line in nb.cells[i].source.splitlines()
+        for text, inside in parts
+        if inside
+        for line in text.splitlines()
         if len(line.strip()) > 25
         and line.strip() not in elsewhere
         and "solution-" not in line

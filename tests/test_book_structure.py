@@ -12,7 +12,6 @@ from booktools import (
     declared_floors,
     notebook_paths,
     setup_cell_source,
-    solution_spans,
     strip_solutions,
     toc_files,
 )
@@ -94,10 +93,37 @@ def test_every_chapter_has_objectives_three_exercises_with_solutions_and_a_summa
     solved = re.findall(r"```\{solution-start\} (\S+)", markdown)
     assert len(exercises) >= 3
     assert sorted(exercises) == sorted(solved)
-    assert len(solution_spans(nb)) == len(solved)
     student = strip_solutions(nb)
     assert all("solution-" not in c.source for c in student.cells)
     assert len(student.cells) < len(nb.cells)
+
+
+# A solution, from its opening fence to its closing one, in the text of a whole notebook.
+SOLUTION = re.compile(r"^```\{solution-start\}.*?^```\{solution-end\}\n```$", re.M | re.S)
+
+
+def _lines(text):
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
+def test_student_edition_removes_the_solutions_and_nothing_else(path):
+    """The student edition has, in order, every line of the chapter outside its solutions
+    (headings, exercises, summaries, setup) and no line inside them; a cell outside every solution
+    is there unchanged (a code cell with its outputs), and only a cell that shares its text with a
+    solution is cut."""
+    nb = read(path)
+    student = strip_solutions(nb)
+    full = "\n".join(c.source for c in nb.cells)
+    assert len(SOLUTION.findall(full)) == full.count("```{solution-start}") >= 3
+    assert _lines("\n".join(c.source for c in student.cells)) == _lines(SOLUTION.sub("", full))
+    outside, depth = [], 0
+    for cell in nb.cells:
+        if depth == 0 and "{solution-" not in cell.source:
+            outside.append(cell)
+        depth += cell.source.count("```{solution-start}") - cell.source.count("```{solution-end}")
+    assert [c for c in student.cells if c in outside] == outside
+    assert all(c in outside or c.cell_type == "markdown" for c in student.cells)
 
 
 def test_colab_links_derive_from_the_repository_url():
