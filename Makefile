@@ -12,12 +12,13 @@ NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help env book student notebooks experiments test test-floors lint unit nbval browser bench clean
+.PHONY: help env book student notebooks save experiments test test-floors lint unit nbval browser bench clean
 
 help:
 	@echo "make book       build the book into _build/html (stored notebook outputs, warnings are errors)"
 	@echo "make test       lint, unit/property tests, every notebook under nbval, the book, a browser check"
 	@echo "make notebooks  re-execute every notebook top to bottom and store its outputs"
+	@echo "make save       write the modules the chapters teach from their # @save cells"
 	@echo "make experiments  run Chapter 8's experiment grids and store their results"
 	@echo "make student    the student edition (no solutions) into _build/student"
 	@echo "make bench      benchmarks against bitsandbytes (not part of the tests)"
@@ -45,6 +46,10 @@ student: env
 
 notebooks: env
 	$(PY) scripts/run_notebooks.py notebooks/*.ipynb
+
+# The chapters are the source of the modules they teach (tests/test_export.py checks they agree).
+save: env
+	$(PY) scripts/export_package.py
 
 lint: env
 	$(VENV)/bin/ruff check qlora_edu tests benchmarks scripts notebooks

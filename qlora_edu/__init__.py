@@ -29,7 +29,7 @@ from qlora_edu.memory import (
 )
 from qlora_edu.model import get_qlora_model, prepare_model_for_kbit_training
 from qlora_edu.paging import PagedAdamW, SimulatedDevice
-from qlora_edu.plotting import use_book_style
+from qlora_edu.plotting import glue, use_book_style
 from qlora_edu.qlora import QLoRALinear
 from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit, quantize_roundtrip
 
@@ -65,5 +65,6 @@ __all__ = [
     "measure_training_step",
     "quant_state_nbytes",
     "quantized_nbytes",
+    "glue",
     "use_book_style",
 ]

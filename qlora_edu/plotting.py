@@ -1,4 +1,5 @@
-"""One figure style for the whole book: every chapter calls :func:`use_book_style` once."""
+"""How the chapters show results: one figure style (every chapter calls :func:`use_book_style`
+once) and :func:`glue`, which hands a computed value to the prose around it."""
 
 from __future__ import annotations
 
@@ -39,3 +40,22 @@ def use_book_style() -> None:
 
 GIB = 1024**3
 GB = 1000**3
+
+
+GLUE_PREFIX = "application/papermill.record/"
+
+
+def glue(name: str, value: object) -> None:
+    """Store ``value`` under ``name`` for the prose to show with MyST's ``{glue:}`name``` role.
+
+    The protocol of ``myst_nb.glue(name, value, display=False)`` (tests/test_export.py checks
+    that they agree), without needing myst-nb where a notebook runs: on Colab, say. The cell shows
+    nothing; the built book puts the value where the text asks for it, so a number in a sentence is
+    the number the code computed.
+    """
+    from IPython.core.formatters import format_display_data  # in every Jupyter kernel
+    from IPython.display import display
+
+    bundle, metadata = format_display_data(value)
+    metadata["scrapbook"] = {"name": name, "mime_prefix": GLUE_PREFIX}
+    display({GLUE_PREFIX + k: v for k, v in bundle.items()}, raw=True, metadata=metadata)
