@@ -28,11 +28,18 @@ def default_device() -> torch.device:
 
 
 def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
-    """bfloat16 on a GPU that supports it, float16 on an older GPU (a T4), float32 on a CPU."""
+    """bfloat16 on a GPU with bfloat16 tensor cores (compute capability 8.0, Ampere, and newer),
+    float16 on an older GPU (a T4 is 7.5), float32 on a CPU.
+
+    Decided by the capability, not by ``torch.cuda.is_bf16_supported()``: by default that counts
+    emulation and says True on a T4, where bfloat16 matmuls run without tensor cores, many times
+    slower than float16 ones.
+    """
     device = torch.device(device) if device is not None else default_device()
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def keep_float32_on_cpu(model: torch.nn.Module) -> torch.nn.Module:

@@ -10,12 +10,20 @@ import torch
 from qlora_edu.hardware import compute_dtype, default_device, qlora_bnb_config
 
 
-def test_compute_dtype_follows_the_hardware(monkeypatch):
-    assert compute_dtype("cpu") == torch.float32
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+    ids=["T4", "A100", "H100"],
+)
+def test_compute_dtype_follows_the_capability(monkeypatch, capability, expected):
+    """A T4 (7.5) gets float16 although is_bf16_supported() says True there (emulation counts)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert compute_dtype("cuda") == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4
-    assert compute_dtype("cuda") == torch.float16
+    assert compute_dtype("cuda") == expected
+
+
+def test_compute_dtype_on_a_cpu(monkeypatch):
+    assert compute_dtype("cpu") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_device() == torch.device("cpu")
     assert compute_dtype() == torch.float32
