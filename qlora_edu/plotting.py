@@ -45,17 +45,27 @@ GB = 1000**3
 GLUE_PREFIX = "application/papermill.record/"
 
 
+class GluedText(str):
+    """A string that displays as itself, without the quotes of its ``repr``."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def glue(name: str, value: object) -> None:
     """Store ``value`` under ``name`` for the prose to show with MyST's ``{glue:}`name``` role.
 
-    The protocol of ``myst_nb.glue(name, value, display=False)`` (tests/test_export.py checks
-    that they agree), without needing myst-nb where a notebook runs: on Colab, say. The cell shows
-    nothing; the built book puts the value where the text asks for it, so a number in a sentence is
-    the number the code computed.
+    The protocol of ``myst_nb.glue(name, value, display=False)`` (tests/test_export.py checks that
+    they agree), without needing myst-nb where a notebook runs: on Colab, say. A string is shown as
+    it is, without quotes, so a cell can glue a number formatted as the sentence needs it. The cell
+    shows nothing; the built book puts the value where the text asks for it, so a number in a
+    sentence is the number the code computed.
     """
     from IPython.core.formatters import format_display_data  # in every Jupyter kernel
     from IPython.display import display
 
+    if isinstance(value, str):
+        value = GluedText(value)
     bundle, metadata = format_display_data(value)
     metadata["scrapbook"] = {"name": name, "mime_prefix": GLUE_PREFIX}
     display({GLUE_PREFIX + k: v for k, v in bundle.items()}, raw=True, metadata=metadata)

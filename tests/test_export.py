@@ -9,10 +9,12 @@ import pytest
 from booktools import ROOT, notebook_paths
 
 import qlora_edu
+from qlora_edu.plotting import GluedText
 
 # The modules whose every line is written in a chapter, and that chapter.
 TAUGHT = {
     "qlora_edu/basics.py": "02_quantization_basics.ipynb",
+    "qlora_edu/lora.py": "05_lora.ipynb",
     "qlora_edu/paging.py": "07_paged_optimizers.ipynb",
 }
 
@@ -61,8 +63,10 @@ def test_glue_stores_what_myst_nb_glue_stores(monkeypatch):
 
     monkeypatch.setattr(IPython.display, "display", capture)
     monkeypatch.setattr(myst_nb.ext.glue, "ipy_display", capture)
-    for value in ("9.54", 0.125, [1, 2]):
+    for value in (0.125, [1, 2], GluedText("9.54")):
         qlora_edu.glue("name", value)
         myst_nb.ext.glue.glue("name", value, display=False)
         ours, theirs = shown[-2:]
         assert ours == theirs
+    qlora_edu.glue("name", "9.54")  # a string is shown without quotes
+    assert '"application/papermill.record/text/plain": "9.54"' in shown[-1]
