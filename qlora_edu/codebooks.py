@@ -1,3 +1,5 @@
+# Written in notebooks/03_nf4.ipynb and notebooks/04_double_quantization.ipynb
+# (the cells marked # @save). Edit the chapter and run `make save`, not this file.
 """The code books of 4-bit and 8-bit quantization, derived rather than typed in (Chapters 3 and 4).
 
 A code book is a sorted list of values in [-1, 1]; a quantized number is the index of one entry.
@@ -32,6 +34,10 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -
     return values / values.max()
 
 
+NF4_CODE = create_normal_map()
+INT4_CODE = torch.arange(-7, 8, dtype=torch.float32) / 7  # Chapter 2's integers
+
+
 def create_fp4_map() -> torch.Tensor:
     """bitsandbytes' FP4: code ``s e1 e0 m`` -> (-1)^s * 2^(4 - e) * (1 + m/2), or m/16 when e = 0.
 
@@ -51,6 +57,10 @@ def create_fp4_map() -> torch.Tensor:
     )
     values = sign * magnitude + 0.0  # adding 0.0 turns -0.0 into 0.0
     return values / values.abs().max()
+
+
+FP4_CODE = create_fp4_map()
+CODE_BOOKS = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
 
 
 def create_dynamic_map(
@@ -85,8 +95,4 @@ def create_dynamic_map(
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-NF4_CODE = create_normal_map()
-FP4_CODE = create_fp4_map()
-INT4_CODE = torch.arange(-7, 8, dtype=torch.float32) / 7
 DYNAMIC_CODE = create_dynamic_map(signed=True)
-CODE_BOOKS = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}

@@ -1,3 +1,5 @@
+# Written in notebooks/04_double_quantization.ipynb
+# (the cells marked # @save). Edit the chapter and run `make save`, not this file.
 """Double quantization: storing the absmax constants themselves in 8 bits (Chapter 4).
 
 With blocksize 64, one float32 absmax per block costs 32 / 64 = 0.5 bits per parameter. QLoRA
@@ -22,8 +24,25 @@ from qlora_edu.quantize import QuantState, dequantize_blockwise, quantize_blockw
 NESTED_BLOCKSIZE = 256
 
 
-def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, QuantState]:
+def bits_per_parameter(packed: torch.Tensor, state: QuantState) -> float:
+    """Bits stored per quantized parameter: packed codes plus every quantization constant."""
+    numel = 1
+    for size in state.shape:
+        numel *= size
+    tensors = [packed, state.absmax]
+    if state.nested:
+        tensors += [state.offset, state.state2.absmax]
+    return 8 * sum(t.numel() * t.element_size() for t in tensors) / numel
+
+
+def quantize_absmax(
+    absmax: torch.Tensor, search: str = "table"
+) -> tuple[torch.Tensor, torch.Tensor, QuantState]:
     """Double-quantize first-level absmax values: ``(codes uint8, offset, state2)``.
+
+    ``search`` finds the 8-bit codes as a bitsandbytes kernel does
+    (:func:`qlora_edu.quantize.quantize_blockwise`): "table" for >= 0.50 on a CPU, "argmin" for
+    0.49.x.
 
     Two limits, at the ends of float32's range:
 
@@ -46,9 +65,8 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Q
             "mean (the offset) overflows to inf, and bitsandbytes would return NaN; "
             "use compress_statistics=False"
         )
-    # bitsandbytes' CPU kernel for 8-bit blockwise quantization searches with a lookup table
     codes, absmax2 = quantize_blockwise(
-        absmax - offset, DYNAMIC_CODE, NESTED_BLOCKSIZE, search="table"
+        absmax - offset, DYNAMIC_CODE, NESTED_BLOCKSIZE, search=search
     )
     state2 = QuantState(
         absmax=absmax2,
@@ -65,14 +83,3 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     nested = state.state2
     values = dequantize_blockwise(state.absmax, nested.absmax, nested.code, nested.blocksize)
     return (values + state.offset).float()
-
-
-def bits_per_parameter(packed: torch.Tensor, state: QuantState) -> float:
-    """Bits stored per quantized parameter: packed codes plus every quantization constant."""
-    numel = 1
-    for size in state.shape:
-        numel *= size
-    tensors = [packed, state.absmax]
-    if state.nested:
-        tensors += [state.offset, state.state2.absmax]
-    return 8 * sum(t.numel() * t.element_size() for t in tensors) / numel

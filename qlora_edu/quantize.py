@@ -1,3 +1,5 @@
+# Written in notebooks/03_nf4.ipynb
+# (the cells marked # @save). Edit the chapter and run `make save`, not this file.
 """Blockwise absmax quantization against any code book, and 4-bit packing (Chapters 2 and 3).
 
 ``quantize_4bit`` and ``dequantize_4bit`` mirror bitsandbytes' functions of the same names and give
@@ -29,61 +31,16 @@ QUANT_TYPES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
 CHUNK = 1 << 20  # values quantized at a time: bounds the extra memory to a few MB
 TABLE_SIZE = 1 << 16  # points of the lookup table of the "table" search
 TINY = 1e-38  # bitsandbytes' 4-bit kernel scales by at most 1 / TINY (see quantize_blockwise)
-
-
-@dataclass
-class QuantState:
-    """Everything needed to undo a quantization, with bitsandbytes' field names.
-
-    ``absmax`` holds one float32 scale per block, or, when ``state2`` is set (double quantization),
-    one uint8 code per block that ``state2`` and ``offset`` turn back into the scale.
-    """
-
-    absmax: torch.Tensor
-    shape: torch.Size | None
-    code: torch.Tensor
-    dtype: torch.dtype
-    blocksize: int
-    quant_type: str | None = None
-    offset: torch.Tensor | None = None
-    state2: QuantState | None = field(default=None, repr=False)
-
-    @property
-    def nested(self) -> bool:
-        return self.state2 is not None
-
-    @classmethod
-    def from_bnb(cls, state: bitsandbytes.functional.QuantState) -> QuantState:
-        """Convert a ``bitsandbytes.functional.QuantState`` (lossless)."""
-        state2 = cls.from_bnb(state.state2) if state.state2 is not None else None
-        shape = torch.Size(state.shape) if state.shape is not None else None
-        return cls(
-            absmax=state.absmax,
-            shape=shape,
-            code=state.code,
-            dtype=state.dtype,
-            blocksize=state.blocksize,
-            quant_type=state.quant_type,
-            offset=state.offset,
-            state2=state2,
-        )
-
-    def to_bnb(self) -> bitsandbytes.functional.QuantState:
-        """Convert to a ``bitsandbytes.functional.QuantState`` (lossless)."""
-        from bitsandbytes.functional import QuantState as BnbQuantState
-
-        if self.quant_type not in (None, "nf4", "fp4"):
-            raise ValueError(f"bitsandbytes has no quant_type {self.quant_type!r}")
-        return BnbQuantState(
-            absmax=self.absmax,
-            shape=self.shape,
-            code=self.code,
-            blocksize=self.blocksize,
-            quant_type=self.quant_type,
-            dtype=self.dtype,
-            offset=self.offset,
-            state2=self.state2.to_bnb() if self.state2 is not None else None,
-        )
+# How each bitsandbytes CPU kernel finds a code (quantize_blockwise's `search`), for the 4-bit codes
+# and for double quantization's 8-bit ones. They agree except for values within float rounding of
+# the midpoint between two codes, and for blocks of zeros (Chapters 3 and 4 count the differences).
+KERNELS = {
+    "cpu": ("nearest", "table"),  # bitsandbytes >= 0.50 on a CPU
+    "cpu-0.49": ("argmin", "argmin"),  # bitsandbytes 0.49.x on a CPU
+}
+# bitsandbytes 0.49's CPU kernel searched FP4 against its values typed to four decimals (0.0052 for
+# 1/192, 0.6667 for 2/3, ...), though it stores and dequantizes with the exact ones.
+FP4_CODE_049 = torch.tensor([round(v, 4) for v in FP4_CODE.tolist()])
 
 
 def check_blocksize(blocksize: int) -> int:
@@ -150,8 +107,12 @@ def quantize_blockwise(
     - ``"table"`` (its 8-bit CPU kernel): a table of the nearest entry for 65,536 evenly spaced
       points of [-1, 1], read at the point nearest the value. Faster, but a value within half a
       table step (1.5e-5) of a midpoint can get the neighbouring entry.
+    - ``"argmin"`` (bitsandbytes 0.49's CPU kernels, 4 and 8 bits): the entry at the smallest
+      distance ``|value - entry|``, the first in the code book's order on a tie. The plain rule:
+      it agrees with ``"nearest"`` except where the float32 distances round differently from the
+      comparison with a midpoint, and on zeros of FP4, which has two zero entries.
 
-    Tiny blocks, where the two kernels differ and we follow each. 1/absmax overflows float32 (to
+    Tiny blocks, where the kernels differ and we follow each. 1/absmax overflows float32 (to
     inf) when absmax is below 2.9e-39, and an all-zero block would give 0 * inf = NaN.
 
     - ``"nearest"`` scales by 1/max(absmax, ``TINY`` = 1e-38), which stays finite. It stores the
@@ -163,6 +124,10 @@ def quantize_blockwise(
       lands on the first or last entry (+-inf clamped to +-1); a zero becomes NaN, which the kernel
       converts to table point 0 (in C++ an undefined conversion; 0 on the machines we tried), so
       it gets entry 0, as does every value of an all-zero block.
+    - ``"argmin"`` scales by 1/absmax unclamped and stores it; a final partial block of a float16
+      or bfloat16 tensor is scaled in that dtype (a 0-dim scale does not promote it). A NaN
+      (every value of an all-zero block) is at NaN distance from every entry and gets entry 0,
+      as ``torch.argmin`` decides.
 
     The work is done ``CHUNK`` values at a time, so no (values x 16) distance matrix and no
     full-size float32 copy is ever made. ``A`` may require grad (its values are read, no graph is
@@ -178,7 +143,11 @@ def quantize_blockwise(
     n = flat.numel()
     indices = torch.empty(n, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=A.device)
-    step = max(CHUNK // blocksize, 1) * blocksize
+    if search not in ("nearest", "table", "argmin"):
+        raise ValueError(f"unknown search {search!r}; expected 'nearest', 'table' or 'argmin'")
+    # argmin holds a (values x entries) distance matrix: fewer values at a time for more entries
+    values = CHUNK if search != "argmin" else CHUNK * 16 // code.numel()
+    step = max(values // blocksize, 1) * blocksize
     for start in range(0, n, step):
         chunk = flat[start : start + step].float()
         tail = chunk.numel() % blocksize
@@ -193,14 +162,19 @@ def quantize_blockwise(
                 block_max[-1] = scale[-1]
         else:
             scaled = blocks * (1.0 / block_max).unsqueeze(1)
+            if tail and search == "argmin":  # 0.49 scaled a final partial block in A's dtype
+                end = start + chunk.numel()
+                scaled[-1, :tail] = flat[end - tail : end] * (1.0 / block_max[-1])
         scaled = scaled.clamp_(-1, 1).view(-1)[: chunk.numel()]
-        if table is None:
+        if search == "argmin":
+            found = (scaled.unsqueeze(1) - code.to(A.device)).abs().argmin(dim=1)
+        elif table is None:
             found = torch.bucketize(scaled, midpoints, out_int32=True)
         else:
             scaled = scaled.nan_to_num_(nan=-1.0)  # NaN (0 * inf) reads table point 0
             point = ((scaled + 1.0) * 0.5).double() * (TABLE_SIZE - 1) + 0.5  # as the kernel's fma
             found = table[point.float().long()]
-        if not is_sorted:  # FP4's code book is ordered by bit pattern, not by value
+        if not is_sorted and search != "argmin":  # FP4's code book is ordered by bit pattern
             found = order[found]
         indices[start : start + chunk.numel()] = found
         absmax[start // blocksize : start // blocksize + block_max.numel()] = block_max
@@ -237,13 +211,72 @@ def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([flat >> 4, flat & 0xF], dim=1).view(-1)[:numel]
 
 
+@dataclass
+class QuantState:
+    """Everything needed to undo a quantization, with bitsandbytes' field names.
+
+    ``absmax`` holds one float32 scale per block, or, when ``state2`` is set (double quantization),
+    one uint8 code per block that ``state2`` and ``offset`` turn back into the scale.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size | None
+    code: torch.Tensor
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str | None = None
+    offset: torch.Tensor | None = None
+    state2: QuantState | None = field(default=None, repr=False)
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+    @classmethod
+    def from_bnb(cls, state: bitsandbytes.functional.QuantState) -> QuantState:
+        """Convert a ``bitsandbytes.functional.QuantState`` (lossless)."""
+        state2 = cls.from_bnb(state.state2) if state.state2 is not None else None
+        shape = torch.Size(state.shape) if state.shape is not None else None
+        return cls(
+            absmax=state.absmax,
+            shape=shape,
+            code=state.code,
+            dtype=state.dtype,
+            blocksize=state.blocksize,
+            quant_type=state.quant_type,
+            offset=state.offset,
+            state2=state2,
+        )
+
+    def to_bnb(self) -> bitsandbytes.functional.QuantState:
+        """Convert to a ``bitsandbytes.functional.QuantState`` (lossless)."""
+        from bitsandbytes.functional import QuantState as BnbQuantState
+
+        if self.quant_type not in (None, "nf4", "fp4"):
+            raise ValueError(f"bitsandbytes has no quant_type {self.quant_type!r}")
+        return BnbQuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=self.state2.to_bnb() if self.state2 is not None else None,
+        )
+
+
 def quantize_4bit(
     A: torch.Tensor,
     blocksize: int = 64,
     quant_type: str = "nf4",
     compress_statistics: bool = True,
+    kernel: str = "cpu",
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize ``A`` to 4 bits in blocks: ``(packed, state)``, byte for byte as bitsandbytes.
+
+    ``kernel`` names the bitsandbytes kernel whose bytes to reproduce (:data:`KERNELS`): "cpu"
+    for bitsandbytes >= 0.50 on a CPU, "cpu-0.49" for 0.49.x on a CPU.
 
     ``packed`` is a ``(ceil(numel / 2), 1)`` uint8 tensor; ``state`` a :class:`QuantState`.
     With ``compress_statistics`` the absmax values are double-quantized to 8 bits
@@ -257,10 +290,14 @@ def quantize_4bit(
     from qlora_edu.double_quant import quantize_absmax
 
     blocksize = check_input(A, blocksize)
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {list(KERNELS)}")
+    search4, search8 = KERNELS[kernel]
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {list(QUANT_TYPES)}")
     code = QUANT_TYPES[quant_type]
-    indices, absmax = quantize_blockwise(A, code, blocksize)
+    search_code = FP4_CODE_049 if (kernel, quant_type) == ("cpu-0.49", "fp4") else code
+    indices, absmax = quantize_blockwise(A, search_code, blocksize, search=search4)
     zero = int(torch.nonzero(code == 0)[0, 0])  # bitsandbytes pads an odd count with a zero value
     packed = pack_4bit(indices, pad_value=zero)
     state = QuantState(
@@ -272,7 +309,7 @@ def quantize_4bit(
         quant_type=quant_type,
     )
     if compress_statistics:
-        state.absmax, state.offset, state.state2 = quantize_absmax(absmax)
+        state.absmax, state.offset, state.state2 = quantize_absmax(absmax, search=search8)
     return packed, state
 
 
@@ -355,6 +392,7 @@ def quantize_roundtrip(
 
 __all__ = [
     "DYNAMIC_CODE",
+    "KERNELS",
     "QuantState",
     "SUPPORTED_BLOCKSIZES",
     "dequantize_4bit",
