@@ -8,7 +8,8 @@ quantizes those constants a second time, as bitsandbytes does:
 1. subtract their mean (``offset``), so the values are centred on zero and use both signs;
 2. quantize them blockwise, 256 at a time, to 8 bits against the signed dynamic map
    (the paper calls these "8-bit floats"; the code uses ``create_dynamic_map(signed=True)``),
-   finding codes with a lookup table as bitsandbytes' CPU kernel does;
+   finding codes with a lookup table as bitsandbytes 0.50's CPU kernel does (0.49 searched for
+   the nearest code: ``search="argmin"``);
 3. keep one float32 absmax per 256 blocks (``state2``) and the float32 offset.
 
 Cost: 8 / 64 + 32 / (64 * 256) = 0.127 bits per parameter instead of 0.5, so 4.127 in all.
@@ -36,13 +37,13 @@ def bits_per_parameter(packed: torch.Tensor, state: QuantState) -> float:
 
 
 def quantize_absmax(
-    absmax: torch.Tensor, search: str = "table"
+    absmax: torch.Tensor, search: str = "table", code: torch.Tensor = DYNAMIC_CODE
 ) -> tuple[torch.Tensor, torch.Tensor, QuantState]:
     """Double-quantize first-level absmax values: ``(codes uint8, offset, state2)``.
 
-    ``search`` finds the 8-bit codes as a bitsandbytes kernel does
-    (:func:`qlora_edu.quantize.quantize_blockwise`): "table" for >= 0.50 on a CPU, "argmin" for
-    0.49.x.
+    ``search`` finds the 8-bit codes in ``code`` (the signed dynamic map) as a bitsandbytes kernel
+    does (:func:`qlora_edu.quantize.quantize_blockwise`): "table" for >= 0.50 on a CPU, "argmin"
+    for 0.49.x.
 
     Two limits, at the ends of float32's range:
 
@@ -65,13 +66,11 @@ def quantize_absmax(
             "mean (the offset) overflows to inf, and bitsandbytes would return NaN; "
             "use compress_statistics=False"
         )
-    codes, absmax2 = quantize_blockwise(
-        absmax - offset, DYNAMIC_CODE, NESTED_BLOCKSIZE, search=search
-    )
+    codes, absmax2 = quantize_blockwise(absmax - offset, code, NESTED_BLOCKSIZE, search=search)
     state2 = QuantState(
         absmax=absmax2,
         shape=None,
-        code=DYNAMIC_CODE.to(absmax.device, copy=True),
+        code=code.to(absmax.device, copy=True),
         dtype=torch.float32,
         blocksize=NESTED_BLOCKSIZE,
     )

@@ -41,6 +41,9 @@ KERNELS = {
 # bitsandbytes 0.49's CPU kernel searched FP4 against its values typed to four decimals (0.0052 for
 # 1/192, 0.6667 for 2/3, ...), though it stores and dequantizes with the exact ones.
 FP4_CODE_049 = torch.tensor([round(v, 4) for v in FP4_CODE.tolist()])
+# Its 8-bit C++ kernel set the dynamic map's first entry, -0.99297, to -1.0 (in place, before
+# searching it), and stored that map with the codes.
+DYNAMIC_CODE_049 = torch.cat([torch.tensor([-1.0]), DYNAMIC_CODE[1:]])
 
 
 def check_blocksize(blocksize: int) -> int:
@@ -309,7 +312,8 @@ def quantize_4bit(
         quant_type=quant_type,
     )
     if compress_statistics:
-        state.absmax, state.offset, state.state2 = quantize_absmax(absmax, search=search8)
+        code8 = DYNAMIC_CODE_049 if kernel == "cpu-0.49" else DYNAMIC_CODE
+        state.absmax, state.offset, state.state2 = quantize_absmax(absmax, search8, code8)
     return packed, state
 
 

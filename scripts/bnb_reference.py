@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+CRAFTED = 99  # the seed of a case built to hit one corner, see case_input
 # (seed, shape, dtype, blocksize, quant_type, double quantization); std 0.02 like real weights,
 # plus cases with outliers, zero blocks and a final partial block.
 CASES = [
@@ -41,12 +42,23 @@ CASES = [
     (11, (1024, 1024), "bfloat16", 64, "nf4", True),
     (12, (500, 67), "float32", 32, "nf4", True),  # a final partial block
     (13, (2048, 777), "float16", 4096, "fp4", True),
+    (CRAFTED, (256, 64), "float32", 64, "nf4", True),
 ]
 
 
 def case_input(seed: int, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-    """The input of a case, the same on every machine: a seeded generator, then exact edits."""
+    """The input of a case, the same on every machine: a seeded generator, then exact edits.
+
+    The ``CRAFTED`` case has block absmax values whose double quantization puts one value at
+    -0.988 of the second-level scale: between the dynamic map's first two entries, where 0.49's
+    search (which replaced the first entry, -0.99297, by -1.0) and the exact map disagree."""
     g = torch.Generator().manual_seed(seed)
+    if seed == CRAFTED:
+        absmax = torch.full((shape[0],), 2.0 - 0.012 / (shape[0] - 2))
+        absmax[:2] = torch.tensor([3.0, 2.0 - 0.988])
+        blocks = torch.rand(shape, generator=g) * absmax[:, None]
+        blocks[:, 0] = absmax
+        return blocks.to(DTYPES[dtype])
     x = torch.randn(shape, generator=g) * 0.02
     flat = x.view(-1)
     flat[::997] *= 40  # outliers
@@ -59,6 +71,18 @@ def digest(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
+def stored_digests(packed: torch.Tensor, state) -> dict[str, str]:
+    """SHA-256 of every tensor a 4-bit quantization stores (bitsandbytes' QuantState or ours)."""
+    stored = {"packed": packed, "absmax": state.absmax}
+    if state.state2 is not None:
+        stored |= {
+            "offset": state.offset,
+            "absmax2": state.state2.absmax,
+            "code2": state.state2.code,
+        }
+    return {name: digest(t) for name, t in stored.items()}
+
+
 def main() -> None:
     import bitsandbytes
     import bitsandbytes.functional as F
@@ -69,14 +93,11 @@ def main() -> None:
         packed, state = F.quantize_4bit(
             x, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq
         )
-        stored = {"packed": packed, "absmax": state.absmax}
-        if dq:
-            stored |= {"offset": state.offset, "absmax2": state.state2.absmax}
         results.append(
             {
                 "case": [seed, list(shape), dtype, blocksize, quant_type, dq],
                 "input": digest(x),
-                **{name: digest(t) for name, t in stored.items()},
+                **stored_digests(packed, state),
             }
         )
     version = bitsandbytes.__version__

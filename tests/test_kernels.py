@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_reference import CASES, case_input, digest
+from bnb_reference import CASES, case_input, digest, stored_digests
 
 from qlora_edu.quantize import KERNELS, quantize_4bit
 
@@ -32,10 +32,7 @@ def quantize(result, kernel):
     packed, state = quantize_4bit(
         x, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq, kernel=kernel
     )
-    stored = {"packed": packed, "absmax": state.absmax}
-    if dq:
-        stored |= {"offset": state.offset, "absmax2": state.state2.absmax}
-    return {name: digest(t) for name, t in stored.items()}
+    return stored_digests(packed, state)
 
 
 @pytest.mark.parametrize("result", RESULTS, ids=lambda r: "-".join(map(str, r["case"])))
