@@ -1,3 +1,5 @@
+# Written in notebooks/06_qlora_linear.ipynb
+# (the cells marked # @save). Edit the chapter and run `make save`, not this file.
 """Saving and loading LoRA adapters in PEFT's on-disk format (Chapter 6).
 
 A PEFT adapter is a folder with ``adapter_config.json`` (a ``LoraConfig``) and

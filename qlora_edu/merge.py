@@ -1,3 +1,5 @@
+# Written in notebooks/11_after_training.ipynb
+# (the cells marked # @save). Edit the chapter and run `make save`, not this file.
 """Merging a trained QLoRA adapter into its base, and the 4-bit layer that serves it (Chapter 11).
 
 :func:`merge_and_unload` folds each ``QLoRALinear``'s update ``scaling * B A`` into a weight and
@@ -7,9 +9,9 @@ drops the adapter, as peft's function of that name does. Into which weight is th
   merged model computes what the trained one did, up to rounding, if it is kept in float32;
 - the original weights ``W`` (``base_weights``, from :func:`qlora_edu.loftq.linear_weights`): the
   adapter corrected ``Q(W)``, not ``W``, so this adds ``W - Q(W)`` to what was trained;
-- either, quantized to 4 bits again (``requantize=True``, a :class:`Linear4bit`): what peft's
-  ``merge_and_unload`` does on a bitsandbytes model, and what loses the update where it is small
-  next to the spacing of the 4-bit levels.
+- either, quantized to 4 bits again (``requantize=True``, a
+  :class:`qlora_edu.qlora.Linear4bit`): what peft's ``merge_and_unload`` does on a bitsandbytes
+  model, and what loses the update where it is small next to the spacing of the 4-bit levels.
 """
 
 from __future__ import annotations
@@ -17,50 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlora_edu.qlora import Linear4bitFunction, QLoRALinear
-from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit
-
-
-class Linear4bit(nn.Module):
-    """A frozen linear layer stored in 4 bits, with no adapter (bitsandbytes' ``Linear4bit``).
-
-    The input is cast to ``compute_dtype`` (default: the input's dtype) and the output back, as in
-    :class:`qlora_edu.QLoRALinear`, whose matmul it shares.
-    """
-
-    def __init__(
-        self,
-        packed: torch.Tensor,
-        state: QuantState,
-        bias: torch.Tensor | None = None,
-        compute_dtype: torch.dtype | None = None,
-    ):
-        super().__init__()
-        self.out_features, self.in_features = state.shape
-        self.register_buffer("weight_packed", packed)
-        self.quant_state = state
-        self.compute_dtype = compute_dtype
-        self.bias = (
-            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        )
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_4bit(self.weight_packed, self.quant_state)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute_dtype = self.compute_dtype or x.dtype
-        bias = None if self.bias is None else self.bias.to(compute_dtype)
-        out = Linear4bitFunction.apply(
-            x.to(compute_dtype), self.weight_packed, self.quant_state, bias
-        )
-        return out.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        state = self.quant_state
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"quant_type={state.quant_type}, blocksize={state.blocksize}"
-        )
+from qlora_edu.qlora import Linear4bit, QLoRALinear
+from qlora_edu.quantize import quantize_4bit
 
 
 @torch.no_grad()
@@ -99,4 +59,4 @@ def merge_and_unload(
     return model
 
 
-__all__ = ["Linear4bit", "merge_and_unload"]
+__all__ = ["merge_and_unload"]

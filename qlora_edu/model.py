@@ -1,9 +1,11 @@
+# Written in notebooks/06_qlora_linear.ipynb
+# (the cells marked # @save). Edit the chapter and run `make save`, not this file.
 """Model surgery: turn a transformers model into a QLoRA model (Chapter 6).
 
-``get_qlora_model`` replaces the linear layers inside the model (every one but the output head, as
-peft's ``target_modules="all-linear"`` does, or those named) by :class:`QLoRALinear` layers and
-freezes everything else. ``prepare_model_for_kbit_training`` does what peft's function of the same
-name does before training a 4-bit model.
+``get_qlora_model`` stores every linear layer inside the model but the output head in 4 bits, gives
+the target layers (all of them, as peft's ``target_modules="all-linear"``, or those named) a LoRA
+adapter, and freezes everything else. ``prepare_model_for_kbit_training`` does what peft's
+function of the same name does before training a 4-bit model.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 from qlora_edu.lora import LoRALinear, check_lora_args
-from qlora_edu.qlora import QLoRALinear
+from qlora_edu.qlora import Linear4bit, QLoRALinear
 from qlora_edu.quantize import dequantize_4bit, quantize_4bit
 
 
@@ -37,13 +39,16 @@ def get_qlora_model(
     compute_dtype: torch.dtype | None = None,
     blocksize: int = 64,
 ) -> nn.Module:
-    """Replace the target linear layers of ``model`` (in place) by ``QLoRALinear`` layers.
+    """Store every linear layer of ``model`` but the output head in 4 bits, and give the target
+    layers a LoRA adapter (in place), as ``BitsAndBytesConfig`` + peft do.
 
-    ``target_modules``: ``"all-linear"`` (every linear layer but the output head) or a list of
-    names, matched like peft does: a layer is taken if its name equals an entry or ends with
-    ``"." + entry`` (``["q_proj", "v_proj"]``). Every parameter but the LoRA adapters is frozen.
-    ``quant_type=None`` keeps the base weights in full precision: plain LoRA (:class:`LoRALinear`),
-    the baseline QLoRA is compared with.
+    What is quantized does not depend on what is adapted: the target layers become
+    :class:`QLoRALinear`, the others :class:`Linear4bit` (4 bits, no adapter). ``target_modules``:
+    ``"all-linear"`` (every linear layer but the output head) or a list of names, matched like
+    peft does: a layer is taken if its name equals an entry or ends with ``"." + entry``
+    (``["q_proj", "v_proj"]``). Every parameter but the LoRA adapters is frozen.
+    ``quant_type=None`` keeps the base weights in full precision: plain LoRA (:class:`LoRALinear`
+    on the targets), the baseline QLoRA is compared with.
     """
     check_lora_args(r, lora_alpha, lora_dropout)
     candidates = linear_layer_names(model)
@@ -58,13 +63,15 @@ def get_qlora_model(
                 + ", ".join(candidates)
             )
     model.requires_grad_(False)
-    for name in chosen:
+    for name in candidates:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         if quant_type is None:
+            if name not in chosen:
+                continue
             layer = LoRALinear(linear, r, lora_alpha, lora_dropout)
-        else:
+        elif name in chosen:
             layer = QLoRALinear.from_linear(
                 linear,
                 r=r,
@@ -75,6 +82,12 @@ def get_qlora_model(
                 blocksize=blocksize,
                 compute_dtype=compute_dtype,
             )
+        else:
+            packed, state = quantize_4bit(
+                linear.weight.detach(), blocksize, quant_type, compress_statistics
+            )
+            layer = Linear4bit(packed, state, linear.bias, compute_dtype)
+            layer = layer.to(linear.weight.device)
         setattr(parent, child, layer)
     model.qlora_config = {
         "r": r,

@@ -1,4 +1,6 @@
-"""The QLoRA linear layer and model surgery (Chapter 6).
+# Written in notebooks/06_qlora_linear.ipynb
+# (the cells marked # @save). Edit the chapter and run `make save`, not this file.
+"""The 4-bit linear layer, with a LoRA adapter (QLoRA) and without (Chapter 6).
 
 ``QLoRALinear`` keeps its base weight only as packed 4-bit codes and quantization constants
 (``qlora_edu.quantize_4bit``), frozen, and adds a trainable LoRA adapter. Its matmul is a custom
@@ -7,7 +9,8 @@ backward pass dequantizes it again to compute the input gradient. The frozen wei
 gradient, and no dequantized weight is kept between forward and backward; the bias is frozen too,
 unless it is made trainable (``layer.bias.requires_grad_(True)``, peft's ``bias="all"``). As in
 bitsandbytes' ``Linear4bit``, the input is cast to ``compute_dtype`` and the output back to the
-input's dtype. The layer compiles with ``torch.compile(fullgraph=True)``.
+input's dtype. The layer compiles with ``torch.compile(fullgraph=True)``. ``Linear4bit`` is the
+same frozen 4-bit layer without an adapter, as bitsandbytes' class of that name.
 """
 
 from __future__ import annotations
@@ -45,7 +48,99 @@ class Linear4bitFunction(torch.autograd.Function):
         return grad_x, None, None, grad_bias  # the frozen weight never gets a gradient
 
 
-class QLoRALinear(LoRAAdapter):
+class Weight4bit:
+    """The frozen 4-bit weight of a layer (a mixin for ``nn.Module`` subclasses).
+
+    The packed codes and the quantization constants are buffers: ``model.to(device)`` moves them,
+    but a dtype change (``model.half()``) never casts them, as bitsandbytes' ``Params4bit``. The
+    matmul casts the input to ``compute_dtype`` (default: the input's dtype) and the output back,
+    as bitsandbytes' ``Linear4bit`` does.
+    """
+
+    def register_4bit_weight(self, packed: torch.Tensor, state: QuantState) -> None:
+        self.out_features, self.in_features = state.shape
+        self.blocksize, self.quant_type, self.weight_dtype = (
+            state.blocksize,
+            state.quant_type,
+            state.dtype,
+        )
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("absmax", state.absmax)
+        self.register_buffer("code", state.code)
+        nested = state.state2
+        self.register_buffer("offset", state.offset)
+        self.register_buffer("absmax2", nested.absmax if nested else None)
+        self.register_buffer("code2", nested.code if nested else None)
+
+    @property
+    def quant_state(self) -> QuantState:
+        state2 = None
+        if self.absmax2 is not None:
+            state2 = QuantState(self.absmax2, None, self.code2, torch.float32, 256)
+        return QuantState(
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            code=self.code,
+            dtype=self.weight_dtype,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            offset=self.offset,
+            state2=state2,
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_4bit(self.weight_packed, self.quant_state)
+
+    def linear_4bit(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + b`` in the compute dtype, returned in ``x``'s dtype."""
+        check_input_features(x, self.in_features)
+        compute_dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(compute_dtype)
+        out = Linear4bitFunction.apply(
+            x.to(compute_dtype), self.weight_packed, self.quant_state, bias
+        )
+        return out.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        quantized = {name: self._buffers.pop(name) for name in QUANT_BUFFERS}
+        super()._apply(fn, recurse)
+        device = fn(torch.zeros(1, device=quantized["weight_packed"].device)).device
+        for name, tensor in quantized.items():
+            self._buffers[name] = None if tensor is None else tensor.to(device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
+            f"double_quant={self.absmax2 is not None}"
+        )
+
+
+def frozen_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
+    return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+
+class Linear4bit(Weight4bit, nn.Module):
+    """A frozen linear layer stored in 4 bits, with no adapter (bitsandbytes' ``Linear4bit``)."""
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        state: QuantState,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.register_4bit_weight(packed, state)
+        self.compute_dtype = compute_dtype
+        self.bias = frozen_bias(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_4bit(x)
+
+
+class QLoRALinear(Weight4bit, LoRAAdapter):
     """A frozen 4-bit linear layer plus a trainable LoRA adapter."""
 
     def __init__(
@@ -60,23 +155,9 @@ class QLoRALinear(LoRAAdapter):
     ):
         out_features, in_features = state.shape
         super().__init__(in_features, out_features, r, lora_alpha, lora_dropout)
-        self.out_features, self.in_features = out_features, in_features
-        self.blocksize, self.quant_type, self.weight_dtype = (
-            state.blocksize,
-            state.quant_type,
-            state.dtype,
-        )
+        self.register_4bit_weight(packed, state)
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight_packed", packed)
-        self.register_buffer("absmax", state.absmax)
-        self.register_buffer("code", state.code)
-        nested = state.state2
-        self.register_buffer("offset", state.offset)
-        self.register_buffer("absmax2", nested.absmax if nested else None)
-        self.register_buffer("code2", nested.code if nested else None)
-        self.bias = (
-            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        )
+        self.bias = frozen_bias(bias)
 
     @classmethod
     def from_linear(
@@ -103,34 +184,8 @@ class QLoRALinear(LoRAAdapter):
         layer = cls(packed, state, linear.bias, r, lora_alpha, lora_dropout, compute_dtype)
         return layer.to(linear.weight.device)
 
-    @property
-    def quant_state(self) -> QuantState:
-        state2 = None
-        if self.absmax2 is not None:
-            state2 = QuantState(self.absmax2, None, self.code2, torch.float32, 256)
-        return QuantState(
-            absmax=self.absmax,
-            shape=torch.Size((self.out_features, self.in_features)),
-            code=self.code,
-            dtype=self.weight_dtype,
-            blocksize=self.blocksize,
-            quant_type=self.quant_type,
-            offset=self.offset,
-            state2=state2,
-        )
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_4bit(self.weight_packed, self.quant_state)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_features(x, self.in_features)
-        input_dtype = x.dtype
-        compute_dtype = self.compute_dtype or input_dtype
-        bias = None if self.bias is None else self.bias.to(compute_dtype)
-        out = Linear4bitFunction.apply(
-            x.to(compute_dtype), self.weight_packed, self.quant_state, bias
-        )
-        out = out.to(input_dtype)
+        out = self.linear_4bit(x)
         return out + super().forward(x).to(out.dtype)
 
     @torch.no_grad()
@@ -143,19 +198,5 @@ class QLoRALinear(LoRAAdapter):
             linear.bias.copy_(self.bias)
         return linear
 
-    def _apply(self, fn, recurse=True):
-        # Like bitsandbytes' Params4bit: model.to(device) moves the 4-bit weight, but a dtype
-        # change (model.half()) must never cast the codes or their float32 constants.
-        quantized = {name: self._buffers.pop(name) for name in QUANT_BUFFERS}
-        super()._apply(fn, recurse)
-        device = fn(torch.zeros(1)).device
-        for name, tensor in quantized.items():
-            self._buffers[name] = None if tensor is None else tensor.to(device)
-        return self
-
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
-            f"double_quant={self.absmax2 is not None}, r={self.r}"
-        )
+        return f"{super().extra_repr()}, r={self.r}"

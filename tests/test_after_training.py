@@ -25,8 +25,9 @@ from qlora_edu.loftq import (
     peft_loftq_init_on_cpu,
     relative_error,
 )
-from qlora_edu.merge import Linear4bit, merge_and_unload
+from qlora_edu.merge import merge_and_unload
 from qlora_edu.model import quantize_linear_weights
+from qlora_edu.qlora import Linear4bit
 
 # Rows of whole blocks of 64: bitsandbytes 0.50.2's CPU dequantize_4bit (its C++ kernel, seen on an
 # AVX-512 CPU) gives wrong values for rows whose length is not a multiple of the blocksize (160,

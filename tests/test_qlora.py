@@ -339,3 +339,13 @@ def test_from_linear_on_meta_gives_the_shapes_of_a_real_layer():
         assert (t.shape, t.dtype) == (tensors[name].shape, tensors[name].dtype), name
     out = meta(torch.empty(5, 128, device="meta"))
     assert out.shape == (5, 96) and out.device.type == "meta"
+
+
+def test_a_dtype_change_leaves_the_4bit_buffers_where_they_are():
+    """model.half() casts the adapter, not the 4-bit weight, and must not move it either (on a
+    GPU it once moved every 4-bit buffer to the CPU): checked on the meta device, which no probe
+    tensor on the CPU can stand for."""
+    layer = QLoRALinear.from_linear(nn.Linear(64, 32, device="meta"), r=4)
+    layer.half()
+    assert layer.weight_packed.is_meta and layer.weight_packed.dtype == torch.uint8
+    assert layer.absmax.is_meta and layer.lora_A.weight.dtype == torch.float16
