@@ -1,3 +1,5 @@
+# Written in notebooks/11_after_training.ipynb
+# (the cells marked # @save). Edit the chapter and run `make save`, not this file.
 """LoftQ: initialising a QLoRA adapter to absorb the quantization error (Chapter 11).
 
 QLoRA starts from ``Q(W)`` plus an adapter that adds nothing (``B = 0``): the model starts with
@@ -16,16 +18,16 @@ import json
 import math
 import types
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from qlora_edu.base_model import ASSETS
 from qlora_edu.model import linear_layer_names
 from qlora_edu.qlora import QLoRALinear
 from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit
 
-EXPERIMENTS = Path(__file__).resolve().parent / "assets" / "experiments" / "loftq.json"
+EXPERIMENTS = ASSETS / "experiments" / "loftq.json"
 
 
 @torch.no_grad()

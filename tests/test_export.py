@@ -14,8 +14,16 @@ from qlora_edu.plotting import GluedText
 # The modules whose every line is written in a chapter, and that chapter.
 TAUGHT = {
     "qlora_edu/basics.py": "02_quantization_basics.ipynb",
+    "qlora_edu/codebooks.py": "03_nf4.ipynb",
+    "qlora_edu/quantize.py": "03_nf4.ipynb",
+    "qlora_edu/double_quant.py": "04_double_quantization.ipynb",
     "qlora_edu/lora.py": "05_lora.ipynb",
+    "qlora_edu/qlora.py": "06_qlora_linear.ipynb",
+    "qlora_edu/model.py": "06_qlora_linear.ipynb",
+    "qlora_edu/adapters.py": "06_qlora_linear.ipynb",
     "qlora_edu/paging.py": "07_paged_optimizers.ipynb",
+    "qlora_edu/merge.py": "11_after_training.ipynb",
+    "qlora_edu/loftq.py": "11_after_training.ipynb",
 }
 
 
