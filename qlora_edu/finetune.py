@@ -6,9 +6,10 @@ by exact match on held-out dates (every answer token, and the end-of-text token 
 model's greedy choice) and by the perplexity of the answer tokens.
 
 A run checkpoints its adapter, optimizer, scheduler and random state every ``checkpoint_every``
-steps into one file, written beside the old one and then renamed over it, so an interruption at
-any moment leaves a valid checkpoint; a run started again on the same folder resumes, and ends with
-the same bits as a run never interrupted. From the command line::
+steps into one file, written beside the old one, flushed to disk and then renamed over it, so an
+interruption at any moment (a power loss included, on a local disk) leaves a valid checkpoint; a
+run started again on the same folder resumes, and ends with the same bits as a run never
+interrupted. From the command line::
 
     python -m qlora_edu.finetune --method nf4-dq --steps 100 --out runs/nf4-dq
 """
@@ -234,8 +235,23 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
     }
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())  # the bytes are on disk before the rename makes them the checkpoint
     os.replace(tmp, path)  # atomic: a reader sees the old checkpoint or the new one, never half
+    fsync_directory(path.parent)  # and the rename itself survives a power loss
+
+
+def fsync_directory(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk, where the system allows it (POSIX)."""
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: a directory cannot be opened to flush it
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def finetune(

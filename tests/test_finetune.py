@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from qlora_edu.finetune import (
     finetune,
     pad_examples,
     prepare_model,
+    save_checkpoint,
 )
 from qlora_edu.lora import LoRALinear
 from qlora_edu.qlora import QLoRALinear
@@ -215,3 +217,32 @@ def test_exact_match_is_greedy_decoding(uninterrupted):
         out = model.generate(ids, max_new_tokens=len(target), do_sample=False, pad_token_id=eos)
         greedy.append(out[0, ids.shape[1] :].tolist() == target)
     assert flags.tolist() == greedy
+
+
+def test_a_checkpoint_is_flushed_to_disk_before_and_after_its_rename(tmp_path, monkeypatch):
+    """fsync of the file before the rename and of its folder after it: otherwise a power loss can
+    leave a renamed but empty checkpoint on a local disk."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        kind = "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        events.append(f"fsync {kind}")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    layer = LoRALinear(torch.nn.Linear(8, 8), r=2)
+    model = torch.nn.Sequential(layer)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, model, optimizer, scheduler, 3, [], FinetuneConfig())
+    assert events == ["fsync file", "rename", "fsync folder"]
+    assert (
+        torch.load(path, weights_only=False)["step"] == 3 and not path.with_suffix(".tmp").exists()
+    )
