@@ -213,3 +213,26 @@ def test_student_launch_buttons_open_student_notebooks():
                 linked.add(page.stem)
     assert linked == {p.stem for p in notebook_paths()}  # every chapter has its button
     assert all((STUDENT / "notebooks" / p.name).exists() for p in notebook_paths())
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.name)
+def test_glued_numbers_terms_and_equations_are_rendered(path):
+    """Every number the prose glues from a cell shows its stored value, no MyST role is left
+    unresolved, and every displayed equation became a math block (MathJax typesets those in the
+    reader's browser)."""
+    import re
+
+    nb = nbformat.read(path, as_version=4)
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    glued = {
+        o["metadata"]["scrapbook"]["name"]: o["data"]["application/papermill.record/text/plain"]
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "scrapbook" in o.get("metadata", {})
+    }
+    text, soup = _page_text(HTML / "notebooks" / f"{path.stem}.html")
+    assert not [role for role in ("{glue:", "{term}", "{cite}") if role in text]
+    for name in re.findall(r"\{glue:\}`(\w+)`", markdown):
+        assert glued[name] in text, f"{name}: {glued[name]!r} is not on the page"
+    assert len(soup.select("div.math")) >= markdown.count("$$") // 2
