@@ -8,7 +8,8 @@ The calculator adds up, in bytes, what a finetuning step keeps in memory:
 - ``weights``: the model's own weights (16-bit, or packed 4-bit plus their quantization constants);
 - ``lora``: the LoRA adapter parameters;
 - ``gradients``: a gradient for every trainable parameter;
-- ``optimizer``: AdamW's two moments, always float32 (8 bytes per trainable parameter);
+- ``optimizer``: AdamW's two moments (float32 by default: 8 bytes per trainable parameter) and,
+  when asked, a float32 master copy of each trainable weight (mixed precision, 4 bytes more);
 - ``activations``: what the forward pass saves for backward (see :func:`activation_bytes`).
 """
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig, PretrainedConfig
 
 METHODS = ("full", "lora", "qlora")
-ADAM_BYTES_PER_PARAM = 8  # two float32 moments
 _REQUIRED_FIELDS = (
     "hidden_size",
     "intermediate_size",
@@ -178,9 +178,15 @@ def activation_bytes(
     per token). A frozen base needs no gradient for its embedding output, which saves the first
     layer's input and ``1/rms`` (``h + 1``); the final norm's input and ``1/rms`` cost the same.
 
+    In 16 bits (``bytes_per_element`` 2), transformers' Llama computes two things in float32: each
+    RMSNorm casts its input to float32 and keeps that copy and its ``1/rms`` (``4 (h + 1)`` bytes
+    per norm, where float32 counts them once as elements), attention keeps its log-sum-exp in
+    float32 (``4 heads`` bytes per layer), and the loss casts the logits to float32 before its
+    log-softmax (``4 vocab`` bytes per token). A frozen base's first norm keeps nothing,
+    which its final norm makes up.
+
     With gradient checkpointing only each layer's input is kept, and one layer's activations live
-    again while it is recomputed during backward. Mixed precision (16-bit layers with float32
-    norms) shifts these counts by a few percent.
+    again while it is recomputed during backward.
     """
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
@@ -199,7 +205,11 @@ def activation_bytes(
     kept = layers * (h if gradient_checkpointing else per_layer)
     recomputed = per_layer if gradient_checkpointing else 0
     elements = (kept + recomputed + once) * tokens + 2 * seq_len * head_dim
-    return elements * bytes_per_element
+    upcast = max(4 - bytes_per_element, 0)  # bytes more per value kept in float32
+    live_layers = 1 if gradient_checkpointing else layers
+    norms = 2 * live_layers + (1 if lora_r is None else 0)
+    float32_values = norms * (h + 1) + live_layers * heads + config.vocab_size
+    return elements * bytes_per_element + float32_values * upcast * tokens
 
 
 def _positive_int(name: str, value) -> None:
@@ -216,6 +226,8 @@ def estimate_finetune_memory(
     seq_len: int = 512,
     gradient_checkpointing: bool = True,
     dtype: torch.dtype = torch.bfloat16,
+    moments_dtype: torch.dtype | None = torch.float32,
+    master_weights: bool = False,
     blocksize: int = 64,
     compress_statistics: bool = True,
     world_size: int = 1,
@@ -225,8 +237,14 @@ def estimate_finetune_memory(
     ``method``: ``"full"`` (every parameter trained in ``dtype``), ``"lora"`` (frozen ``dtype`` base
     plus LoRA of rank ``lora_r`` on every block linear layer) or ``"qlora"`` (the same, with the
     block linear layers stored in 4 bits, double-quantized when ``compress_statistics``).
-    ``dtype`` is the precision of unquantized weights, adapters, gradients and activations; AdamW's
-    moments are float32 whatever it is.
+    ``dtype`` is the precision of unquantized weights, adapters, gradients and activations.
+
+    The optimizer state is an assumption to choose, because setups differ. AdamW keeps two moments
+    per trainable parameter, in ``moments_dtype``: float32 by default, as mixed-precision training
+    and bitsandbytes' 32-bit optimizers keep them; ``None`` means the parameters' own ``dtype``, as
+    ``torch.optim.AdamW`` does (its state is ``zeros_like(param)``). ``master_weights=True`` adds a
+    float32 copy of every trainable weight, as mixed-precision training with 16-bit weights keeps
+    (the 16 bytes per parameter of ZeRO's accounting with the defaults).
 
     ``world_size`` > 1: the bytes on each of that many ranks under FSDP (Chapter 10), with
     ``batch_size`` sequences per rank. Weights, adapters, gradients and optimizer state are
@@ -242,9 +260,12 @@ def estimate_finetune_memory(
         ("world_size", world_size),
     ):
         _positive_int(name, value)
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+    for name, value in (("dtype", dtype), ("moments_dtype", moments_dtype or dtype)):
+        if not isinstance(value, torch.dtype) or not value.is_floating_point:
+            raise ValueError(f"{name} must be a floating point torch.dtype, got {value!r}")
     width = torch.finfo(dtype).bits // 8
+    moment_width = torch.finfo(moments_dtype or dtype).bits // 8
+    optimizer_bytes = 2 * moment_width + (4 if master_weights else 0)
     counts = count_parameters(config)
 
     if method == "full":
@@ -264,7 +285,7 @@ def estimate_finetune_memory(
         "weights": weights,
         "lora": lora,
         "gradients": width * trainable,
-        "optimizer": ADAM_BYTES_PER_PARAM * trainable,
+        "optimizer": optimizer_bytes * trainable,
         "activations": activation_bytes(
             config,
             batch_size=batch_size,

@@ -61,6 +61,34 @@ def test_full_finetuning_costs_twelve_bytes_per_parameter():
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
 
 
+@pytest.mark.parametrize(
+    "kwargs,bytes_per_parameter",
+    [
+        (dict(master_weights=True), 16),  # mixed precision: ZeRO's 2 + 2 + (4 + 4 + 4)
+        (dict(), 12),  # 16-bit weights and gradients, float32 moments
+        (dict(moments_dtype=None), 8),  # torch.optim.AdamW on 16-bit parameters
+        (dict(moments_dtype=torch.bfloat16, master_weights=True), 12),
+    ],
+)
+def test_the_accountings_of_full_finetuning(kwargs, bytes_per_parameter):
+    config = small_llama_config()
+    total = count_parameters(config).total
+    parts = estimate_finetune_memory(config, "full", dtype=torch.bfloat16, **kwargs)
+    assert parts["weights"] + parts["gradients"] + parts["optimizer"] == bytes_per_parameter * total
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_adamw_keeps_moments_in_the_parameters_dtype(dtype):
+    torch.manual_seed(0)
+    config = small_llama_config()
+    model = LlamaForCausalLM(config).to(dtype)
+    measured = measure_training_step(model, torch.randint(0, config.vocab_size, (1, 8)))
+    estimated = estimate_finetune_memory(config, "full", dtype=dtype, moments_dtype=None)
+    for part in ("weights", "gradients", "optimizer"):
+        assert estimated[part] == measured[part], part
+    assert measured["optimizer"] == 2 * measured["weights"]
+
+
 def test_quantized_bytes_per_parameter():
     n = 4096 * 4096
     assert quantized_nbytes(n, compress_statistics=False) * 8 / n == 4.5
@@ -94,14 +122,22 @@ def test_quant_state_bytes_of_ours_and_of_bitsandbytes(double_quant, tmp_path):
     assert quant_state_nbytes(LlamaForCausalLM(config)) == 0
 
 
-@pytest.mark.parametrize("method,lora_r", [("full", None), ("lora", 4)])
+@pytest.mark.parametrize(
+    "method,lora_r,dtype",
+    [
+        ("full", None, torch.float32),
+        ("lora", 4, torch.float32),
+        ("full", None, torch.bfloat16),
+        ("full", None, torch.float16),
+    ],
+)
 @pytest.mark.parametrize("batch,seq", [(1, 32), (3, 17)])
-def test_estimate_matches_a_measured_training_step(method, lora_r, batch, seq):
+def test_estimate_matches_a_measured_training_step(method, lora_r, dtype, batch, seq):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     config = small_llama_config()
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(dtype)
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=lora_r, target_modules="all-linear"))
     ids = torch.randint(0, config.vocab_size, (batch, seq))
@@ -113,7 +149,8 @@ def test_estimate_matches_a_measured_training_step(method, lora_r, batch, seq):
         batch_size=batch,
         seq_len=seq,
         gradient_checkpointing=False,
-        dtype=torch.float32,
+        dtype=dtype,
+        moments_dtype=None,  # torch.optim.AdamW keeps the parameters' dtype
     )
     for part in ("weights", "lora", "gradients", "optimizer"):
         assert estimated[part] == measured[part], part
@@ -144,6 +181,7 @@ def test_checkpointing_never_costs_more_and_memory_grows_with_tokens(seq, batch)
         (dict(method="qlora", batch_size=-1), "batch_size"),
         (dict(method="qlora", seq_len=0), "seq_len"),
         (dict(method="full", dtype=torch.int8), "floating point"),
+        (dict(method="full", moments_dtype=torch.int8), "moments_dtype"),
     ],
 )
 def test_bad_input_is_named(kwargs, message):
