@@ -62,7 +62,7 @@ def test_report_checks_equality_with_bitsandbytes(report):
 def test_report_trains_every_implementation_beside_the_estimate(report):
     from transformers import AutoConfig
 
-    from qlora_edu import estimate_finetune_memory
+    from qlora_edu import count_parameters, estimate_finetune_memory
     from qlora_edu.base_model import MODEL_PATH
 
     data, gpu_report = report
@@ -76,6 +76,13 @@ def test_report_trains_every_implementation_beside_the_estimate(report):
             seq_len=row["seq_len"], dtype=torch.float32,
         )  # fmt: skip
         assert row["estimate_MiB"] == round(estimate["total"] / 2**20, 1)
+        r = row["lora_r"]
+        adapter_numels = [
+            n for o, i in count_parameters(config).linear_shapes for n in (r * i, o * r)
+        ]
+        paged = sum(8 * n for n in adapter_numels if n >= 100_000)
+        expected = paged if row["implementation"].endswith("paged AdamW") else 0
+        assert row["paged_state_MiB"] == round(expected / 2**20, 1)
         assert row["step_ms"] > 0 and row["peak_MiB"] is None  # no allocator peak on a CPU
 
 
