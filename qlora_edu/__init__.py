@@ -1,14 +1,24 @@
 """qlora_edu: the pieces of QLoRA built from scratch, one module per chapter.
 
 - :mod:`qlora_edu.memory` (Chapter 1): parameter counts and the finetuning memory calculator.
-- :mod:`qlora_edu.basics` (Chapter 2): integer absmax and zero-point quantization, error metrics.
+- :mod:`qlora_edu.basics` (Chapter 2): integer absmax and zero-point quantization, blockwise absmax,
+  error metrics.
 - :mod:`qlora_edu.codebooks` (Chapters 3-4): NF4, FP4, INT4 and the 8-bit dynamic map.
-- :mod:`qlora_edu.quantize` (Chapters 2-3): blockwise absmax quantization, 4-bit packing.
+- :mod:`qlora_edu.quantize` (Chapter 3): blockwise quantization against a code book, 4-bit packing.
 - :mod:`qlora_edu.double_quant` (Chapter 4): quantizing the absmax constants.
 - :mod:`qlora_edu.lora` (Chapter 5): LoRA adapters and ``LoRALinear``.
 - :mod:`qlora_edu.qlora`, :mod:`qlora_edu.model`, :mod:`qlora_edu.adapters` (Chapter 6): the QLoRA
   layer, model surgery, adapters in PEFT's format.
 - :mod:`qlora_edu.paging` (Chapter 7): a simulated accelerator with paging, and ``PagedAdamW``.
+- :mod:`qlora_edu.base_model`, :mod:`qlora_edu.finetune` (Chapter 8): the shipped model, the date
+  task, the training loop and its checkpoints.
+- :mod:`qlora_edu.hardware` (Chapter 9): the compute dtype by GPU capability, bitsandbytes configs.
+- :mod:`qlora_edu.fsdp` (Chapter 10): QLoRA sharded with FSDP2, launched by torchrun.
+- :mod:`qlora_edu.merge`, :mod:`qlora_edu.loftq` (Chapter 11): merging adapters, LoftQ.
+- :mod:`qlora_edu.diagrams`, :mod:`qlora_edu.plotting`: the diagrams, plot style and ``glue``.
+
+The modules of Chapters 2-7 and 11 are written in their chapters' ``# @save`` cells
+(``make save``); the others are plain modules.
 """
 
 import logging

@@ -60,3 +60,18 @@ def zeropoint_dequantize(
 ) -> torch.Tensor:
     """The values that zero-point ``codes`` stand for: ``(codes - zero_point) * scale``."""
     return (codes - zero_point).float() * scale
+
+
+def blockwise_absmax_roundtrip(x: torch.Tensor, bits: int = 4, blocksize: int = 64) -> torch.Tensor:
+    """``x`` quantized with absmax and back, every ``blocksize`` consecutive values (in row-major
+    order) with their own scale; a block of zeros stays zero. Chapter 3 generalises it to any code
+    book (``qlora_edu.quantize.quantize_roundtrip``)."""
+    _check_bits(bits)
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    q_max = 2 ** (bits - 1) - 1
+    flat = x.detach().flatten().float()
+    blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % blocksize)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / q_max, torch.ones_like(absmax))
+    return (torch.round(blocks / scale) * scale).flatten()[: flat.numel()].view(x.shape)

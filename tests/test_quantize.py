@@ -463,3 +463,36 @@ def test_meta_tensors_give_bitsandbytes_shapes_and_dtypes(shape, dtype, compress
             bnb.dequantize_4bit(theirs, bnb_state)
         )
     assert described(dequantize_4bit(ours, state)) == described(torch.empty_like(A))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    cols=st.integers(1, 300),
+    blocksize=st.sampled_from([32, 64, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_chapter_2_blockwise_int4_is_the_int4_code_book(rows, cols, blocksize, seed):
+    """Chapter 2's plain blockwise absmax round trip and Chapter 3's code-book one agree."""
+    from qlora_edu.basics import blockwise_absmax_roundtrip
+    from qlora_edu.quantize import quantize_roundtrip
+
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    ours = blockwise_absmax_roundtrip(x, bits=4, blocksize=blocksize)
+    theirs = quantize_roundtrip(x, "int4", blocksize)
+    # the two may round a value within float rounding of a midpoint between levels differently
+    flat = torch.nn.functional.pad(x.flatten(), (0, (-x.numel()) % blocksize)).view(-1, blocksize)
+    scaled = 7 * flat / flat.abs().amax(1, keepdim=True)
+    tie = ((scaled - scaled.floor() - 0.5).abs() < 1e-4).flatten()[: x.numel()].view(x.shape)
+    torch.testing.assert_close(ours[~tie], theirs[~tie])
+    zeros = torch.zeros(2, blocksize)
+    assert torch.equal(blockwise_absmax_roundtrip(zeros, 4, blocksize), zeros)
+
+
+def test_chapter_2_blockwise_round_trip_names_bad_input():
+    from qlora_edu.basics import blockwise_absmax_roundtrip
+
+    with pytest.raises(ValueError, match="blocksize"):
+        blockwise_absmax_roundtrip(torch.ones(8), 4, 0)
+    with pytest.raises(ValueError, match="bits"):
+        blockwise_absmax_roundtrip(torch.ones(8), 1, 8)
