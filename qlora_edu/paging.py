@@ -14,6 +14,10 @@ any machine with a *simulated* accelerator that accounts for every allocation in
 - ``PagedAdamW``: ``torch.optim.AdamW`` whose state is registered as paged allocations of that
   device and prefetched before each update. The arithmetic is AdamW's own, so the parameters stay
   bit-identical to ``torch.optim.AdamW``: paging changes where the state lives, not the result.
+- ``Adam8bitState`` and ``adamw8bit_step``: AdamW with its two moments stored in 8 bits, blockwise
+  against the dynamic maps of Chapter 4, as bitsandbytes' 8-bit optimizers store them (the
+  ``paged_adamw_8bit`` that Chapter 9 trains with); bit-identical to ``bnb.optim.AdamW8bit`` on a
+  CPU.
 """
 
 from collections import OrderedDict
@@ -228,3 +232,68 @@ def simulate_steps(
             }
         )
     return records, None
+
+
+from qlora_edu.codebooks import create_dynamic_map  # noqa: E402 (imports of the chapter's last cell)
+from qlora_edu.quantize import dequantize_blockwise, quantize_blockwise  # noqa: E402
+
+SIGNED_MAP = create_dynamic_map(signed=True)  # the first moment: either sign
+UNSIGNED_MAP = create_dynamic_map(signed=False)  # the second moment: never negative
+STATE_BLOCKSIZE = 256  # bitsandbytes' blocksize for 8-bit optimizer state
+
+
+@dataclass
+class Adam8bitState:
+    """AdamW's two moments of one parameter in 8 bits: codes and one float32 absmax per block."""
+
+    m: torch.Tensor  # uint8 codes of the first moment, against SIGNED_MAP
+    m_absmax: torch.Tensor
+    v: torch.Tensor  # uint8 codes of the second moment, against UNSIGNED_MAP
+    v_absmax: torch.Tensor
+    step: int = 0
+
+    @classmethod
+    def zeros(cls, p: torch.Tensor) -> "Adam8bitState":
+        blocks = -(-p.numel() // STATE_BLOCKSIZE)
+        codes = torch.zeros(p.numel(), dtype=torch.uint8, device=p.device)
+        absmax = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+        return cls(codes, absmax, codes.clone(), absmax.clone())
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for t in (self.m, self.m_absmax, self.v, self.v_absmax)
+        )
+
+
+@torch.no_grad()
+def adamw8bit_step(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    state: Adam8bitState,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+) -> None:
+    """One AdamW step of ``p`` with its moments in 8 bits: dequantize, update, quantize again.
+
+    The arithmetic and the quantizer are those of bitsandbytes' 8-bit blockwise optimizers on a
+    CPU (``bnb.optim.AdamW8bit``), so parameters and state come out bit-identical to them.
+    """
+    state.step += 1
+    beta1, beta2 = betas
+    m = dequantize_blockwise(state.m, state.m_absmax, SIGNED_MAP, STATE_BLOCKSIZE)
+    v = dequantize_blockwise(state.v, state.v_absmax, UNSIGNED_MAP, STATE_BLOCKSIZE)
+    g = grad.detach().float().reshape(-1)
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    correction1 = 1.0 - beta1**state.step
+    correction2 = (1.0 - beta2**state.step) ** 0.5
+    denom = (v.sqrt() / correction2).add_(eps)
+    weights = p.detach().float().reshape(-1)
+    if weight_decay > 0.0:
+        weights.mul_(1.0 - lr * weight_decay)
+    weights.addcdiv_(m, denom, value=-lr / correction1)
+    p.data.copy_(weights.view(p.shape))
+    state.m, state.m_absmax = quantize_blockwise(m, SIGNED_MAP, STATE_BLOCKSIZE, search="table")
+    state.v, state.v_absmax = quantize_blockwise(v, UNSIGNED_MAP, STATE_BLOCKSIZE, search="table")

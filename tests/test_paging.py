@@ -113,3 +113,38 @@ def test_a_spike_kills_the_unpaged_run_and_the_paged_run_survives():
         0,
     ]  # 2 MB of state paged back after the spike
     assert max(r["peak"] for r in records) == 12 * MB
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(16, 90),
+    cols=st.integers(256, 700),
+    lr=st.sampled_from([1e-4, 1e-3, 1e-2]),
+    weight_decay=st.sampled_from([0.0, 1e-2, 0.1]),
+    seed=st.integers(0, 2**16),
+)
+def test_adamw8bit_step_is_bitsandbytes_adamw8bit(rows, cols, lr, weight_decay, seed):
+    """Chapter 7's 8-bit AdamW: weights, codes and absmax bit-identical to bnb's on a CPU."""
+    import bitsandbytes as bnb
+
+    from qlora_edu.paging import Adam8bitState, adamw8bit_step
+
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randn(rows, cols, generator=g) * 0.02
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    reference = bnb.optim.AdamW8bit([theirs], lr=lr, weight_decay=weight_decay, betas=(0.8, 0.99))
+    state = Adam8bitState.zeros(ours)
+    for _ in range(3):
+        grad = torch.randn(rows, cols, generator=g) * 10 ** float(
+            torch.randint(-4, 1, (1,), generator=g)
+        )
+        theirs.grad = grad.clone()
+        reference.step()
+        adamw8bit_step(ours, grad, state, lr=lr, betas=(0.8, 0.99), weight_decay=weight_decay)
+    expected = reference.state[theirs]
+    assert torch.equal(ours, theirs)
+    assert torch.equal(state.m, expected["state1"].flatten())
+    assert torch.equal(state.v, expected["state2"].flatten())
+    assert torch.equal(state.m_absmax, expected["absmax1"])
+    assert torch.equal(state.v_absmax, expected["absmax2"])
+    assert state.nbytes() == 2 * ours.numel() + 8 * expected["absmax1"].numel()
