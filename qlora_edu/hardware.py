@@ -42,6 +42,22 @@ def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
+def qlora_training_arguments(dtype: torch.dtype) -> dict:
+    """The QLoRA recipe as keyword arguments of transformers' ``TrainingArguments``, for a compute
+    dtype from :func:`compute_dtype`: paged 8-bit AdamW, mixed precision in that dtype (float16 on
+    a T4, bfloat16 from Ampere on, none on a CPU, where everything is float32) and non-reentrant
+    gradient checkpointing."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"compute dtype must be float32, float16 or bfloat16, got {dtype}")
+    return {
+        "optim": "paged_adamw_8bit",
+        "fp16": dtype == torch.float16,
+        "bf16": dtype == torch.bfloat16,
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    }
+
+
 def keep_float32_on_cpu(model: torch.nn.Module) -> torch.nn.Module:
     """Make bitsandbytes' 4-bit layers compute in their compute dtype on every CPU.
 

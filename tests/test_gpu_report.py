@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_edu.hardware import compute_dtype, default_device, qlora_bnb_config
+from qlora_edu.hardware import (
+    compute_dtype,
+    default_device,
+    qlora_bnb_config,
+    qlora_training_arguments,
+)
 
 
 @pytest.mark.parametrize(
@@ -20,6 +25,33 @@ def test_compute_dtype_follows_the_capability(monkeypatch, capability, expected)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert compute_dtype("cuda") == expected
+
+
+@pytest.mark.parametrize(
+    "capability, fp16, bf16", [((7, 5), True, False), ((8, 0), False, True), (None, False, False)],
+    ids=["T4", "A100", "CPU"],
+)  # fmt: skip
+def test_training_arguments_follow_the_capability(monkeypatch, tmp_path, capability, fp16, bf16):
+    """The Trainer recipe of Chapter 9: paged 8-bit AdamW from bitsandbytes, mixed precision in the
+    GPU's compute dtype (none on a CPU), non-reentrant gradient checkpointing."""
+    import bitsandbytes as bnb
+    from transformers import Trainer, TrainingArguments
+
+    if capability is not None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    kwargs = qlora_training_arguments(compute_dtype("cuda" if capability else "cpu"))
+    assert (kwargs["fp16"], kwargs["bf16"]) == (fp16, bf16)
+    assert kwargs["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    # Only the CPU's arguments can be built here (mixed precision asks for a GPU); the optimizer
+    # transformers picks from them is the same on every machine.
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, **{**kwargs, "fp16": False, "bf16": False}
+    )
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert optimizer_cls is bnb.optim.AdamW
+    assert optimizer_kwargs["optim_bits"] == 8 and optimizer_kwargs["is_paged"] is True
+    with pytest.raises(ValueError, match="compute dtype"):
+        qlora_training_arguments(torch.float64)
 
 
 def test_compute_dtype_on_a_cpu(monkeypatch):
