@@ -2,7 +2,10 @@
 
 1. Dequantization: bitsandbytes' CUDA kernel against qlora_edu's PyTorch ``dequantize_4bit`` on the
    same packed weights (NF4, double quantization), with a check that both give identical values and
-   that qlora_edu's ``quantize_4bit`` on the GPU gives bitsandbytes' bytes.
+   that qlora_edu's ``quantize_4bit`` on the GPU (``kernel="cuda"``, the rules of csrc/kernels.cu)
+   gives bitsandbytes' bytes: NF4 and FP4 codes, 8-bit absmax codes, second-level absmax, offset,
+   each counted where they differ (the GPU's approximate reciprocal can move a value within a
+   float32 step of a threshold).
 2. One training step (gradient checkpointing on), median time and peak memory
    (``torch.cuda.max_memory_allocated``), for the shipped model and a TinyLlama-1.1B-shaped model
    (random weights): a 16-bit base with peft LoRA; bitsandbytes 4-bit with peft LoRA and AdamW; the
@@ -74,10 +77,18 @@ def dequantize_rows(device: torch.device, shapes, dtypes, repeats: int) -> list[
                 W, blocksize=64, quant_type="nf4", compress_statistics=True
             )
             ours = QuantState.from_bnb(state)
+            # the kernel follows the device: "cuda" (csrc/kernels.cu's rules) on a GPU
             our_packed, our_state = quantize_4bit(W, blocksize=64, quant_type="nf4")
-            same_bytes = torch.equal(our_packed, packed) and torch.equal(
-                our_state.absmax, state.absmax
-            )
+            differing = {
+                "packed_bytes": int((our_packed != packed).sum()),
+                "absmax_codes": int((our_state.absmax != state.absmax).sum()),
+                "absmax2": int((our_state.state2.absmax != state.state2.absmax).sum()),
+                "offset": int(our_state.offset != state.offset),
+            }
+            fp4_packed, _ = F.quantize_4bit(W, blocksize=64, quant_type="fp4")
+            our_fp4, _ = quantize_4bit(W, blocksize=64, quant_type="fp4", compress_statistics=False)
+            differing["fp4_packed_bytes"] = int((our_fp4 != fp4_packed).sum())
+            same_bytes = not any(differing.values())
             same_values = torch.equal(
                 dequantize_4bit(packed, ours), F.dequantize_4bit(packed, state)
             )
@@ -93,7 +104,9 @@ def dequantize_rows(device: torch.device, shapes, dtypes, repeats: int) -> list[
                     "bitsandbytes_GBps": round(out_bytes / t_bnb / 1e9, 1),
                     "qlora_edu_GBps": round(out_bytes / t_ours / 1e9, 1),
                     "qlora_edu_time_over_bitsandbytes": round(t_ours / t_bnb, 2),
+                    "quantize_kernel": "cuda" if W.is_cuda else "cpu",
                     "quantize_bytes_identical": same_bytes,
+                    "quantize_differing": differing,
                     "dequantized_identical": same_values,
                 }
             )
@@ -172,8 +185,9 @@ def step_rows(name, path, config, device, batch, seq_len, r, repeats) -> list[di
         paged_state = sum(8 * p.numel() for p in params if paged and p.numel() >= PAGE_MIN_NUMEL)
         method = "lora" if impl.startswith("16-bit") else "qlora"
         estimate = estimate_finetune_memory(
-            config, method, lora_r=r, batch_size=batch, seq_len=seq_len, dtype=dtype
-        )
+            config, method, lora_r=r, batch_size=batch, seq_len=seq_len, dtype=dtype,
+            adapter_dtype=torch.float32,  # peft's and qlora_edu's adapters, on any model
+        )  # fmt: skip
         rows.append(
             {
                 "model": name,

@@ -43,7 +43,7 @@ def quantize_absmax(
 
     ``search`` finds the 8-bit codes in ``code`` (the signed dynamic map) as a bitsandbytes kernel
     does (:func:`qlora_edu.quantize.quantize_blockwise`): "table" for >= 0.50 on a CPU, "argmin"
-    for 0.49.x.
+    for 0.49.x, "cuda" for its CUDA kernel.
 
     Two limits, at the ends of float32's range:
 

@@ -37,7 +37,33 @@ TINY = 1e-38  # bitsandbytes' 4-bit kernel scales by at most 1 / TINY (see quant
 KERNELS = {
     "cpu": ("nearest", "table"),  # bitsandbytes >= 0.50 on a CPU
     "cpu-0.49": ("argmin", "argmin"),  # bitsandbytes 0.49.x on a CPU
+    "cuda": ("cuda", "cuda"),  # bitsandbytes' CUDA kernels (csrc/kernels.cu, 0.50)
 }
+
+
+def _float32_bits(words: list[int]) -> torch.Tensor:
+    """float32 values given by their bit patterns."""
+    signed = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+    return torch.tensor(signed, dtype=torch.int32).view(torch.float32)
+
+
+# bitsandbytes' CUDA kernels pick a 4-bit code by a tree of comparisons `x > T`, with constants
+# written in csrc/kernels.cu (dQuantizeNF4, dQuantizeFP4); the tree amounts to counting the
+# constants below x. NF4's are the midpoints between its levels, as the compiler rounds their
+# decimals to float32 (four of them half a float32 step from the exact midpoint). FP4's compare
+# |x| with decimals typed to a few digits: 0.00260417f and 0.583333f are 14 and 5.5 float32 steps
+# away from the midpoints they stand for. Bit patterns checked against the compiled kernels.
+NF4_CUDA_THRESHOLDS = _float32_bits([
+    0xBF591CD9, 0xBF1C5270, 0xBEEB8480, 0xBEADEA76, 0xBE703CEC, 0xBE0D38BC, 0xBD3A7871, 0x3D22FAFF,
+    0x3DF64863, 0x3E5067E0, 0x3E9582D4, 0x3EC753F9, 0x3F006D03, 0x3F248DAF, 0x3F5C89D9,
+])  # fmt: skip  # -0.8480964004993439f ... 0.8614784181118011f
+# 0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f, 0.8333333f:
+FP4_CUDA_THRESHOLDS = _float32_bits([
+    0x3B2AAAB9, 0x3DB00000, 0x3E555555, 0x3E955555, 0x3ED55556, 0x3F155550, 0x3F555555,
+])  # fmt: skip
+# FP4's code (without its sign bit) for each number of thresholds below |x|: the bit patterns of
+# the levels 0, 0.0052, 0.1667, 0.25, 0.3333, 0.5, 0.6667, 1 in FP4_CODE's order.
+FP4_CUDA_CODES = torch.tensor([0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011])
 # bitsandbytes 0.49's CPU kernel searched FP4 against its values typed to four decimals (0.0052 for
 # 1/192, 0.6667 for 2/3, ...), though it stores and dequantizes with the exact ones.
 FP4_CODE_049 = torch.tensor([round(v, 4) for v in FP4_CODE.tolist()])
@@ -96,6 +122,39 @@ def _table(midpoints: torch.Tensor) -> torch.Tensor:
     return torch.bucketize((i + i) / (TABLE_SIZE - 1) - 1.0, midpoints)
 
 
+def flush_subnormals(x: torch.Tensor) -> torch.Tensor:
+    """float32 values below the smallest normal (1.2e-38) as zero, as a ``--use_fast_math`` kernel
+    computes them."""
+    return torch.where(x.abs() < torch.finfo(torch.float32).tiny, torch.zeros_like(x), x)
+
+
+def cuda_codes(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """The codes bitsandbytes' CUDA kernels give scaled values ``x`` (csrc/kernels.cu).
+
+    NF4: the number of :data:`NF4_CUDA_THRESHOLDS` below ``x`` (the tree of ``x > T``: a value
+    equal to a threshold gets the lower code). FP4: the sign bit (8) when ``x < 0``, so that tiny
+    negative values get FP4's "negative zero", and the code of ``|x|`` by
+    :data:`FP4_CUDA_THRESHOLDS`. The 8-bit dynamic map (256 sorted entries): the nearest entry by
+    a binary search, split at the float32 midpoints ``(a + b) * 0.5``; a value exactly on a
+    midpoint gets the entry of even index. A NaN (a block of zeros) gets code 0 in every case, and
+    a subnormal counts as zero, as the kernels' comparisons do.
+    """
+    x = flush_subnormals(x)
+    if code.numel() == 16 and torch.equal(code.cpu(), NF4_CODE):
+        found = torch.bucketize(x, NF4_CUDA_THRESHOLDS.to(x.device))
+    elif code.numel() == 16 and torch.equal(code.cpu(), FP4_CODE):
+        magnitude = torch.bucketize(x.abs(), FP4_CUDA_THRESHOLDS.to(x.device))
+        found = FP4_CUDA_CODES.to(x.device)[magnitude.clamp(max=7)] + 8 * (x < 0)
+    elif code.numel() == 256 and bool((code[1:] > code[:-1]).all()):
+        midpoints = ((code[1:] + code[:-1]) * 0.5).to(x.device)
+        found = torch.bucketize(x, midpoints)  # on a midpoint: the lower entry, k
+        on_midpoint = found.lt(255) & (x == midpoints[found.clamp(max=254)])
+        found = found + (on_midpoint & (found % 2 == 1))  # ... but the even one of k and k + 1
+    else:
+        raise ValueError("bitsandbytes' CUDA kernels quantize to NF4, FP4 or the 8-bit dynamic map")
+    return torch.where(x.isnan(), 0, found)
+
+
 def quantize_blockwise(
     A: torch.Tensor, code: torch.Tensor, blocksize: int, search: str = "nearest"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +173,10 @@ def quantize_blockwise(
       distance ``|value - entry|``, the first in the code book's order on a tie. The plain rule:
       it agrees with ``"nearest"`` except where the float32 distances round differently from the
       comparison with a midpoint, and on zeros of FP4, which has two zero entries.
+    - ``"cuda"`` (bitsandbytes' CUDA kernels, for NF4, FP4 and the 256-entry dynamic map): see
+      :func:`cuda_codes`. Subnormal values count as zero, as the kernels are compiled with
+      ``--use_fast_math``. The GPU's reciprocal of absmax is approximate (within a float32 step);
+      ours is exact, so a value within a step of a threshold can get the neighbouring code.
 
     Tiny blocks, where the kernels differ and we follow each. 1/absmax overflows float32 (to
     inf) when absmax is below 2.9e-39, and an all-zero block would give 0 * inf = NaN.
@@ -146,8 +209,10 @@ def quantize_blockwise(
     n = flat.numel()
     indices = torch.empty(n, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=A.device)
-    if search not in ("nearest", "table", "argmin"):
-        raise ValueError(f"unknown search {search!r}; expected 'nearest', 'table' or 'argmin'")
+    if search not in ("nearest", "table", "argmin", "cuda"):
+        raise ValueError(
+            f"unknown search {search!r}; expected 'nearest', 'table', 'argmin' or 'cuda'"
+        )
     # argmin holds a (values x entries) distance matrix: fewer values at a time for more entries
     values = CHUNK if search != "argmin" else CHUNK * 16 // code.numel()
     step = max(values // blocksize, 1) * blocksize
@@ -155,8 +220,12 @@ def quantize_blockwise(
         chunk = flat[start : start + step].float()
         tail = chunk.numel() % blocksize
         blocks = torch.nn.functional.pad(chunk, (0, (-tail) % blocksize)).view(-1, blocksize)
+        if search == "cuda":
+            blocks = flush_subnormals(blocks)
         block_max = blocks.abs().amax(dim=1)
-        if search == "nearest":
+        if search == "cuda":  # 1/absmax unguarded: a block of zeros gives NaN, hence code 0
+            scaled = flush_subnormals(blocks * flush_subnormals(1.0 / block_max).unsqueeze(1))
+        elif search == "nearest":
             scale = block_max.clamp(min=TINY)
             scaled = blocks * (1.0 / scale).unsqueeze(1)
             if tail:  # a final partial block is divided by its clamped absmax, which is stored
@@ -169,7 +238,9 @@ def quantize_blockwise(
                 end = start + chunk.numel()
                 scaled[-1, :tail] = flat[end - tail : end] * (1.0 / block_max[-1])
         scaled = scaled.clamp_(-1, 1).view(-1)[: chunk.numel()]
-        if search == "argmin":
+        if search == "cuda":
+            found = cuda_codes(scaled, code)
+        elif search == "argmin":
             found = (scaled.unsqueeze(1) - code.to(A.device)).abs().argmin(dim=1)
         elif table is None:
             found = torch.bucketize(scaled, midpoints, out_int32=True)
@@ -177,7 +248,7 @@ def quantize_blockwise(
             scaled = scaled.nan_to_num_(nan=-1.0)  # NaN (0 * inf) reads table point 0
             point = ((scaled + 1.0) * 0.5).double() * (TABLE_SIZE - 1) + 0.5  # as the kernel's fma
             found = table[point.float().long()]
-        if not is_sorted and search != "argmin":  # FP4's code book is ordered by bit pattern
+        if not is_sorted and search not in ("argmin", "cuda"):  # FP4's order: bit patterns
             found = order[found]
         indices[start : start + chunk.numel()] = found
         absmax[start // blocksize : start // blocksize + block_max.numel()] = block_max
@@ -274,12 +345,13 @@ def quantize_4bit(
     blocksize: int = 64,
     quant_type: str = "nf4",
     compress_statistics: bool = True,
-    kernel: str = "cpu",
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize ``A`` to 4 bits in blocks: ``(packed, state)``, byte for byte as bitsandbytes.
 
     ``kernel`` names the bitsandbytes kernel whose bytes to reproduce (:data:`KERNELS`): "cpu"
-    for bitsandbytes >= 0.50 on a CPU, "cpu-0.49" for 0.49.x on a CPU.
+    for bitsandbytes >= 0.50 on a CPU, "cpu-0.49" for 0.49.x on a CPU, "cuda" for its CUDA
+    kernels. By default it follows ``A``'s device: "cuda" for a CUDA tensor, "cpu" otherwise.
 
     ``packed`` is a ``(ceil(numel / 2), 1)`` uint8 tensor; ``state`` a :class:`QuantState`.
     With ``compress_statistics`` the absmax values are double-quantized to 8 bits
@@ -293,6 +365,7 @@ def quantize_4bit(
     from qlora_edu.double_quant import quantize_absmax
 
     blocksize = check_input(A, blocksize)
+    kernel = kernel or ("cuda" if A.device.type == "cuda" else "cpu")
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {list(KERNELS)}")
     search4, search8 = KERNELS[kernel]
@@ -302,6 +375,8 @@ def quantize_4bit(
     search_code = FP4_CODE_049 if (kernel, quant_type) == ("cpu-0.49", "fp4") else code
     indices, absmax = quantize_blockwise(A, search_code, blocksize, search=search4)
     zero = int(torch.nonzero(code == 0)[0, 0])  # bitsandbytes pads an odd count with a zero value
+    if kernel == "cuda" and absmax.numel() and not absmax.is_meta and absmax[-1] == 0:
+        zero = 0  # ... which CUDA scales by 1/0 like the rest of an all-zero block: NaN, code 0
     packed = pack_4bit(indices, pad_value=zero)
     state = QuantState(
         absmax=absmax,

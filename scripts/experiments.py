@@ -11,7 +11,7 @@ asserts that it agrees with the committed row.
   each 4-bit format (Table 2 of the paper in miniature; the chapter bootstraps over windows).
 - ``table4``: finetuning runs, every method with every seed (Table 4 in miniature).
 
-    python scripts/experiments.py            # about 15 minutes on 2 CPU cores
+    python scripts/experiments.py            # about 3 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
