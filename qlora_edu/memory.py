@@ -157,6 +157,7 @@ def activation_bytes(
     bytes_per_element: int,
     gradient_checkpointing: bool,
     lora_r: int | None = None,
+    adapter_bytes: int | None = None,
 ) -> int:
     """Bytes of the tensors a Llama-style forward pass saves for the backward pass.
 
@@ -185,6 +186,13 @@ def activation_bytes(
     log-softmax (``4 vocab`` bytes per token). A frozen base's first norm keeps nothing,
     which its final norm makes up.
 
+    Adapters in another dtype than the model (``adapter_bytes`` per element: peft keeps them in
+    float32 on a 16-bit model) change what an adapted layer keeps: peft casts the layer's input to
+    the adapters' dtype and the adapter saves that copy, in every adapted layer, and its ``A x``
+    in that dtype too; the frozen base layers then keep no input of their own, so the norms'
+    outputs (``2 h``) and the MLP's product (``intermediate``) are no longer kept in the model's
+    dtype.
+
     With gradient checkpointing only each layer's input is kept, and one layer's activations live
     again while it is recomputed during backward.
     """
@@ -209,7 +217,15 @@ def activation_bytes(
     live_layers = 1 if gradient_checkpointing else layers
     norms = 2 * live_layers + (1 if lora_r is None else 0)
     float32_values = norms * (h + 1) + live_layers * heads + config.vocab_size
-    return elements * bytes_per_element + float32_values * upcast * tokens
+    total = elements * bytes_per_element + float32_values * upcast * tokens
+    if lora_r is not None and adapter_bytes not in (None, bytes_per_element):
+        shapes = count_parameters(config).linear_shapes
+        adapter_inputs = sum(in_f for _, in_f in shapes) // layers  # per layer, one copy each
+        adapters = len(shapes) // layers
+        cast = adapter_bytes * (adapter_inputs + adapters * lora_r)
+        shared = bytes_per_element * (2 * h + inter + adapters * lora_r)
+        total += live_layers * (cast - shared) * tokens
+    return total
 
 
 def _positive_int(name: str, value) -> None:
@@ -228,6 +244,8 @@ def estimate_finetune_memory(
     dtype: torch.dtype = torch.bfloat16,
     moments_dtype: torch.dtype | None = torch.float32,
     master_weights: bool = False,
+    adapter_dtype: torch.dtype | None = None,
+    kbit_prepared: bool = False,
     blocksize: int = 64,
     compress_statistics: bool = True,
     world_size: int = 1,
@@ -246,6 +264,15 @@ def estimate_finetune_memory(
     float32 copy of every trainable weight, as mixed-precision training with 16-bit weights keeps
     (the 16 bytes per parameter of ZeRO's accounting with the defaults).
 
+    Two settings of the libraries change the bytes of a 16-bit run. ``adapter_dtype``: the
+    adapters' dtype when it is not ``dtype``; peft keeps them in float32 on a 16-bit model unless
+    told otherwise (``autocast_adapter_dtype``), and their gradients and moments follow (see
+    :func:`activation_bytes` for what it changes in the activations). ``kbit_prepared``: peft's
+    ``prepare_model_for_kbit_training`` was applied to a 4-bit model, which casts every parameter
+    that is not 4-bit (embeddings, norms, head) to float32; the residual stream, the norms and,
+    through the 4-bit layers, which return their input's dtype, every activation are then
+    float32, and so are the adapters unless ``adapter_dtype`` says otherwise.
+
     ``world_size`` > 1: the bytes on each of that many ranks under FSDP (Chapter 10), with
     ``batch_size`` sequences per rank. Weights, adapters, gradients and optimizer state are
     sharded (divided by ``world_size``); activations are each rank's own; and a part ``gathered``
@@ -263,16 +290,21 @@ def estimate_finetune_memory(
     for name, value in (("dtype", dtype), ("moments_dtype", moments_dtype or dtype)):
         if not isinstance(value, torch.dtype) or not value.is_floating_point:
             raise ValueError(f"{name} must be a floating point torch.dtype, got {value!r}")
+    if adapter_dtype is not None and not adapter_dtype.is_floating_point:
+        raise ValueError(f"adapter_dtype must be a floating point dtype, got {adapter_dtype}")
+    if kbit_prepared and method != "qlora":
+        raise ValueError("kbit_prepared describes a 4-bit model: it needs method='qlora'")
     width = torch.finfo(dtype).bits // 8
-    moment_width = torch.finfo(moments_dtype or dtype).bits // 8
-    optimizer_bytes = 2 * moment_width + (4 if master_weights else 0)
+    kept = 4 if kbit_prepared else width  # bytes of unquantized parameters and of activations
+    trained = torch.finfo(adapter_dtype).bits // 8 if adapter_dtype else kept  # of the adapters
+    moment_bytes = (torch.finfo(moments_dtype).bits // 8) if moments_dtype else None
     counts = count_parameters(config)
 
     if method == "full":
-        weights, lora, trainable = width * counts.total, 0, counts.total
+        weights, lora, trainable, trained = width * counts.total, 0, counts.total, width
     else:
         n_lora = counts.lora(lora_r)
-        lora, trainable = width * n_lora, n_lora
+        lora, trainable = trained * n_lora, n_lora
         if method == "lora":
             weights = width * counts.total
         else:
@@ -280,25 +312,27 @@ def estimate_finetune_memory(
                 quantized_nbytes(o * i, blocksize, compress_statistics)
                 for o, i in counts.linear_shapes
             )
-            weights = packed + width * counts.other
+            weights = packed + kept * counts.other
+    optimizer_bytes = 2 * (moment_bytes or trained) + (4 if master_weights else 0)
     parts = {
         "weights": weights,
         "lora": lora,
-        "gradients": width * trainable,
+        "gradients": trained * trainable,
         "optimizer": optimizer_bytes * trainable,
         "activations": activation_bytes(
             config,
             batch_size=batch_size,
             seq_len=seq_len,
-            bytes_per_element=width,
+            bytes_per_element=kept,
             gradient_checkpointing=gradient_checkpointing,
             lora_r=None if method == "full" else lora_r,
+            adapter_bytes=None if method == "full" else trained,
         ),
     }
     if world_size > 1:
         for part in ("weights", "lora", "gradients", "optimizer"):
             parts[part] = math.ceil(parts[part] / world_size)
-        layer = (weights - _outside_layers(config, width)) / config.num_hidden_layers
+        layer = (weights - _outside_layers(config, kept)) / config.num_hidden_layers
         parts["gathered"] = math.ceil(2 * (layer + lora / config.num_hidden_layers))
     parts["total"] = sum(parts.values())
     return parts

@@ -88,6 +88,7 @@ def test_report_checks_equality_with_bitsandbytes(report):
     assert {"torch", "bitsandbytes", "transformers", "peft", "date"} <= data["environment"].keys()
     for row in data["dequantize"]:
         assert row["quantize_bytes_identical"] and row["dequantized_identical"]
+        assert row["quantize_kernel"] == "cpu" and not any(row["quantize_differing"].values())
         assert row["bitsandbytes_ms"] > 0 and row["qlora_edu_ms"] > 0
 
 
@@ -105,7 +106,7 @@ def test_report_trains_every_implementation_beside_the_estimate(report):
         method = "lora" if row["implementation"].startswith("16-bit") else "qlora"
         estimate = estimate_finetune_memory(
             config, method, lora_r=row["lora_r"], batch_size=row["batch_size"],
-            seq_len=row["seq_len"], dtype=torch.float32,
+            seq_len=row["seq_len"], dtype=torch.float32, adapter_dtype=torch.float32,
         )  # fmt: skip
         assert row["estimate_MiB"] == round(estimate["total"] / 2**20, 1)
         r = row["lora_r"]

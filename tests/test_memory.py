@@ -159,6 +159,66 @@ def test_estimate_matches_a_measured_training_step(method, lora_r, dtype, batch,
     assert estimated["total"] == pytest.approx(measured["total"], rel=0.10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_peft_keeps_16_bit_models_adapters_in_float32(dtype):
+    """peft's adapters are float32 on a 16-bit model: their bytes, and the float32 copy of its
+    input each adapted layer keeps, are what adapter_dtype counts."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = small_llama_config()
+    model = get_peft_model(
+        LlamaForCausalLM(config).to(dtype), LoraConfig(r=4, target_modules="all-linear")
+    )
+    ids = torch.randint(0, config.vocab_size, (3, 17))
+    measured = measure_training_step(model, ids)
+    estimated = estimate_finetune_memory(
+        config, "lora", lora_r=4, batch_size=3, seq_len=17, gradient_checkpointing=False,
+        dtype=dtype, adapter_dtype=torch.float32, moments_dtype=None,
+    )  # fmt: skip
+    for part in ("weights", "lora", "gradients", "optimizer"):
+        assert estimated[part] == measured[part], part
+    assert 0 <= measured["activations"] - estimated["activations"] <= 3 * 8 * ids.numel()
+    plain = estimate_finetune_memory(
+        config, "lora", lora_r=4, batch_size=3, seq_len=17, gradient_checkpointing=False,
+        dtype=dtype, moments_dtype=None,
+    )  # fmt: skip
+    assert plain["activations"] < estimated["activations"]  # the float32 copies are not free
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_bitsandbytes_qlora_in_bfloat16_with_and_without_prepare(prepared, tmp_path):
+    """A 4-bit model in bfloat16 with peft, before and after prepare_model_for_kbit_training
+    (everything not 4-bit, and so every activation, in float32)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from qlora_edu.hardware import keep_float32_on_cpu, qlora_bnb_config
+
+    torch.manual_seed(0)
+    config = small_llama_config()
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=qlora_bnb_config(torch.bfloat16), dtype=torch.bfloat16,
+        device_map="cpu",
+    )  # fmt: skip
+    keep_float32_on_cpu(model)
+    if prepared:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    measured = measure_training_step(model, ids)
+    estimated = estimate_finetune_memory(
+        config, "qlora", lora_r=4, batch_size=2, seq_len=24, gradient_checkpointing=False,
+        dtype=torch.bfloat16, adapter_dtype=torch.float32, moments_dtype=None,
+        kbit_prepared=prepared,
+    )  # fmt: skip
+    for part in ("lora", "gradients", "optimizer"):
+        assert estimated[part] == measured[part], part
+    assert estimated["weights"] == measured["weights"] + quant_state_nbytes(model)
+    assert 0 <= measured["activations"] - estimated["activations"] <= 3 * 8 * ids.numel()
+
+
 @settings(max_examples=25, deadline=None)
 @given(seq=st.integers(1, 4096), batch=st.integers(1, 8))
 def test_checkpointing_never_costs_more_and_memory_grows_with_tokens(seq, batch):
@@ -182,6 +242,8 @@ def test_checkpointing_never_costs_more_and_memory_grows_with_tokens(seq, batch)
         (dict(method="qlora", seq_len=0), "seq_len"),
         (dict(method="full", dtype=torch.int8), "floating point"),
         (dict(method="full", moments_dtype=torch.int8), "moments_dtype"),
+        (dict(method="lora", adapter_dtype=torch.int8), "adapter_dtype"),
+        (dict(method="lora", kbit_prepared=True), "kbit_prepared"),
     ],
 )
 def test_bad_input_is_named(kwargs, message):
