@@ -14,6 +14,17 @@ parameters train; their gradients are reduce-scattered and AdamW updates each ra
 Each step takes a global batch of the date task (Chapter 8), split evenly across ranks. The loss
 is the mean over all answer tokens of the global batch, so the run computes the same thing on any
 number of ranks. Rank 0 writes one JSON line per step and, at the end, the adapter in PEFT's format.
+
+What a large model needs on GPUs, as flags:
+
+- ``--mixed-precision bf16`` (or ``fp16``): FSDP2's ``MixedPrecisionPolicy``, parameters gathered
+  and computed in that dtype, gradients reduced in float32. FSDP2 casts floating-point parameters
+  only: packed 4-bit bytes stored as ``uint8``, or viewed as the same 16-bit dtype, arrive intact,
+  but bytes viewed as float32 would be converted to 16 bits, which destroys them; that
+  combination is refused.
+- ``--activation-checkpointing``: every decoder layer recomputed in backward (non-reentrant).
+- ``--cpu-offload``: FSDP2's ``CPUOffloadPolicy``, the shards kept in host memory between uses
+  (GPU runs only).
 """
 
 from __future__ import annotations
@@ -37,6 +48,18 @@ from qlora_edu.model import get_qlora_model
 from qlora_edu.qlora import QLoRALinear
 
 STORAGE = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16}
+PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_quant_storage(storage: torch.dtype, param_dtype: torch.dtype | None) -> None:
+    """Refuse packed bytes that mixed precision would cast: FSDP2 converts every floating-point
+    parameter to ``param_dtype``, and a float view of packed bytes converted is no longer them."""
+    if param_dtype is not None and storage.is_floating_point and storage != param_dtype:
+        raise ValueError(
+            f"quant storage {storage} under mixed precision {param_dtype}: FSDP2 would convert "
+            f"the packed 4-bit bytes, viewed as {storage}, to {param_dtype}, which changes the "
+            f"bytes; store them as uint8 or as {param_dtype}"
+        )
 
 
 def packed_weights_as_parameters(model: nn.Module, storage: torch.dtype = torch.uint8) -> None:
@@ -109,7 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--fail-at-step", type=int, default=None, help="rank 1 raises (a test)")
+    parser.add_argument("--mixed-precision", choices=list(PRECISION), default=None)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--cpu-offload", action="store_true", help="shards in host memory (GPU)")
     args = parser.parse_args(argv)
+    param_dtype = PRECISION.get(args.mixed_precision)
+    check_quant_storage(STORAGE[args.quant_storage], param_dtype)
 
     cuda = torch.cuda.is_available()
     dist.init_process_group(backend="nccl" if cuda else "gloo")
@@ -120,16 +148,26 @@ def main(argv: list[str] | None = None) -> None:
     if device is not None:
         torch.cuda.set_device(device)
     torch.set_num_threads(1)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    policies = {}
+    if param_dtype is not None:
+        policies["mp_policy"] = MixedPrecisionPolicy(param_dtype, reduce_dtype=torch.float32)
+    if args.cpu_offload:
+        if not cuda:
+            raise ValueError("--cpu-offload keeps GPU shards in host memory: it needs CUDA")
+        policies["offload_policy"] = CPUOffloadPolicy()
 
     # Training mode, which from_pretrained does not set: in evaluation mode bitsandbytes 0.50, on a
     # CPU with AVX512-BF16, repacks 4-bit weights for a bfloat16 inference kernel, and training
     # through it goes wrong (the loss rose from 5.7 to 9.5 in one step).
     model = build(args.impl, args.r, STORAGE[args.quant_storage], args.model).train()
     frozen_before = local_bytes(p for p in model.parameters() if not p.requires_grad)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **policies)
+    fully_shard(model, **policies)
     frozen_after = local_bytes(p for p in model.parameters() if not p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
@@ -180,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
             "impl": args.impl,
             "world_size": world,
             "quant_storage": args.quant_storage,
+            "mixed_precision": args.mixed_precision,
+            "activation_checkpointing": args.activation_checkpointing,
             "losses": [entry["loss"] for entry in log],
             "frozen_bytes_unsharded": int(gathered[0][0]),
             "frozen_bytes_per_rank": [int(g[1]) for g in gathered],

@@ -30,6 +30,18 @@ def runs(tmp_path_factory):
         ("single", 1, ()),
         ("sharded", 2, ("--quant-storage", "float32")),
         ("bitsandbytes", 2, ("--impl", "bitsandbytes", "--quant-storage", "bfloat16")),
+        ("bf16", 1, ("--mixed-precision", "bf16", "--activation-checkpointing")),
+        (
+            "bf16_sharded",
+            2,
+            (
+                "--mixed-precision",
+                "bf16",
+                "--activation-checkpointing",
+                "--quant-storage",
+                "bfloat16",
+            ),
+        ),  # fmt: skip
     ]:
         run, out = torchrun(tmp, n_procs, name, *args)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -81,3 +93,61 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert run.returncode != 0
     assert "rank 1 fails at step 1" in run.stderr
     assert not (out / "result.json").exists()
+
+
+def test_mixed_precision_and_checkpointing_shard_like_one_process(runs):
+    """bf16 compute with float32 gradient reduction and recomputed layers: two processes follow
+    one (to bf16 rounding), and both follow the float32 run closely."""
+    one, two, fp32 = runs["bf16"][0], runs["bf16_sharded"][0], runs["single"][0]
+    assert one["mixed_precision"] == "bf16" and one["activation_checkpointing"]
+    torch.testing.assert_close(
+        torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-2, atol=0
+    )
+    torch.testing.assert_close(
+        torch.tensor(one["losses"]), torch.tensor(fp32["losses"]), rtol=3e-2, atol=0
+    )
+    assert two["losses"][-1] < two["losses"][0]
+
+
+def test_float_quant_storage_under_mixed_precision_is_refused():
+    from qlora_edu.fsdp import check_quant_storage, main
+
+    check_quant_storage(torch.uint8, torch.bfloat16)
+    check_quant_storage(torch.bfloat16, torch.bfloat16)
+    check_quant_storage(torch.float32, None)
+    with pytest.raises(ValueError, match="store them as uint8 or as torch.bfloat16"):
+        main(["--out", "unused", "--quant-storage", "float32", "--mixed-precision", "bf16"])
+
+
+def test_fsdp2_casts_float_views_of_packed_bytes_and_leaves_uint8_alone():
+    """The failure the refusal prevents, in one process: FSDP2's mixed precision converts packed
+    bytes viewed as float32 to bfloat16, and the layer can no longer dequantize them."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from qlora_edu import QLoRALinear
+    from qlora_edu.fsdp import packed_weights_as_parameters
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(4, 64)
+        outputs = {}
+        for storage in (torch.float32, torch.uint8):
+            layer = torch.nn.Sequential(QLoRALinear.from_linear(torch.nn.Linear(64, 32), r=4))
+            packed_weights_as_parameters(layer, storage)
+            fully_shard(layer, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+            try:
+                outputs[storage] = layer(x)
+            except ValueError as error:
+                outputs[storage] = error
+        assert isinstance(outputs[torch.float32], ValueError)
+        assert "bytes" in str(outputs[torch.float32])
+        assert outputs[torch.uint8].dtype == torch.bfloat16
+    finally:
+        dist.destroy_process_group()
