@@ -50,7 +50,7 @@ def _float32_bits(words: list[int]) -> torch.Tensor:
 # bitsandbytes' CUDA kernels pick a 4-bit code by a tree of comparisons `x > T`, with constants
 # written in csrc/kernels.cu (dQuantizeNF4, dQuantizeFP4); the tree amounts to counting the
 # constants below x. NF4's are the midpoints between its levels, as the compiler rounds their
-# decimals to float32 (four of them half a float32 step from the exact midpoint). FP4's compare
+# decimals to float32 (four are a float32 step from the CPU's midpoint (a + b) / 2). FP4's compare
 # |x| with decimals typed to a few digits: 0.00260417f and 0.583333f are 14 and 5.5 float32 steps
 # away from the midpoints they stand for. Bit patterns checked against the compiled kernels.
 NF4_CUDA_THRESHOLDS = _float32_bits([
