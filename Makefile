@@ -12,7 +12,7 @@ NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help env book student notebooks save experiments test test-floors lint unit nbval browser bench clean
+.PHONY: help env book student assignments slides notebooks save experiments test test-floors lint unit nbval browser bench clean
 
 help:
 	@echo "make book       build the book into _build/html (stored notebook outputs, warnings are errors)"
@@ -21,6 +21,8 @@ help:
 	@echo "make save       write the modules the chapters teach from their # @save cells"
 	@echo "make experiments  run Chapter 8's experiment grids and store their results"
 	@echo "make student    the student edition (no solutions) into _build/student"
+	@echo "make assignments  per chapter, the notebook to hand out and its otter-grader autograder"
+	@echo "make slides     one reveal.js deck per chapter into _build/slides (opens offline)"
 	@echo "make bench      benchmarks against bitsandbytes (not part of the tests)"
 	@echo "make test-floors  every notebook's asserts with the lowest versions pyproject.toml allows"
 
@@ -44,6 +46,13 @@ book: env
 student: env
 	$(PY) scripts/student_edition.py
 
+# _build/assignments/<chapter>/: the notebook to hand out and autograder.zip (book/instructors.md)
+assignments: env
+	$(PY) scripts/assignments.py
+
+slides: env
+	$(PY) scripts/slides.py
+
 notebooks: env
 	$(PY) scripts/run_notebooks.py notebooks/*.ipynb
 
@@ -64,7 +73,7 @@ unit: env
 nbval: env
 	$(PY) scripts/avx2.py $(PY) -m pytest $(NBVAL) notebooks
 
-browser: book student
+browser: book student slides
 	$(PY) -m pytest tests -m browser
 
 test: lint unit nbval browser
