@@ -236,3 +236,35 @@ def test_glued_numbers_terms_and_equations_are_rendered(path):
     for name in re.findall(r"\{glue:\}`(\w+)`", markdown):
         assert glued[name] in text, f"{name}: {glued[name]!r} is not on the page"
     assert len(soup.select("div.math")) >= markdown.count("$$") // 2
+
+
+SLIDES = ROOT / "_build" / "slides"
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.name)
+def test_slide_deck_opens_offline_on_its_title(browser, path):
+    """`make slides`: each chapter's deck, opened from disk (nothing served, no CDN needed), starts
+    the reveal.js copied beside it and shows the chapter's title on its first slide."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    deck = SLIDES / f"{path.stem}.slides.html"
+    assert deck.exists(), "the slides are not built: run `make slides` first"
+    browser.get(deck.as_uri())
+    WebDriverWait(browser, 20).until(
+        lambda b: b.execute_script("return !!(window.Reveal && Reveal.isReady())")
+    )
+    nb = nbformat.read(path, as_version=4)
+    title = next(c.source for c in nb.cells if c.cell_type == "markdown").splitlines()[0]
+    slide = browser.execute_script(
+        "const s = document.querySelector('.reveal .slides section.present section.present')"
+        "  || document.querySelector('.reveal .slides section.present');"
+        "const box = s.getBoundingClientRect();"
+        "return {text: s.innerText, width: box.width, height: box.height,"
+        "        h1: getComputedStyle(s.querySelector('h1')).fontSize}"
+    )
+    assert title.removeprefix("# ") in slide["text"]
+    assert slide["width"] > 500 and slide["height"] > 100
+    assert float(slide["h1"].removesuffix("px")) > 30  # styled by reveal.js's theme
+    assert browser.execute_script("return Reveal.getTotalSlides()") > 5
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / f"{path.stem}.slides.png"))
