@@ -1,7 +1,8 @@
 """What Chapter 9 reports from a real GPU, measured in one run and written as JSON.
 
 1. Dequantization: bitsandbytes' CUDA kernel against qlora_edu's PyTorch ``dequantize_4bit`` on the
-   same packed weights (NF4, double quantization), with a check that both give identical values and
+   same packed weights (NF4, double quantization), and against Chapter 12's formula compiled by
+   ``torch.compile`` (Triton on a GPU), with a check that all give identical values and
    that qlora_edu's ``quantize_4bit`` on the GPU (``kernel="cuda"``, the rules of csrc/kernels.cu)
    gives bitsandbytes' bytes: NF4 and FP4 codes, 8-bit absmax codes, second-level absmax, offset,
    each counted where they differ (the GPU's approximate reciprocal can move a value within a
@@ -40,6 +41,7 @@ import torch
 
 from qlora_edu import estimate_finetune_memory, get_qlora_model, llama_config
 from qlora_edu.base_model import MODEL_PATH
+from qlora_edu.fused import dequantize_4bit_formula
 from qlora_edu.hardware import GPU_RESULTS, compute_dtype, qlora_bnb_config
 from qlora_edu.quantize import QuantState, dequantize_4bit, quantize_4bit
 
@@ -94,6 +96,11 @@ def dequantize_rows(device: torch.device, shapes, dtypes, repeats: int) -> list[
             )
             t_bnb = timed(lambda: F.dequantize_4bit(packed, state), device, repeats)  # noqa: B023
             t_ours = timed(lambda: dequantize_4bit(packed, ours), device, repeats)  # noqa: B023
+            compiled = torch.compile(dequantize_4bit_formula, dynamic=False)
+            same_compiled = torch.equal(
+                compiled(packed, ours).view(shape), F.dequantize_4bit(packed, state)
+            )
+            t_compiled = timed(lambda: compiled(packed, ours), device, repeats)  # noqa: B023
             out_bytes = W.numel() * W.element_size()
             rows.append(
                 {
@@ -104,6 +111,9 @@ def dequantize_rows(device: torch.device, shapes, dtypes, repeats: int) -> list[
                     "bitsandbytes_GBps": round(out_bytes / t_bnb / 1e9, 1),
                     "qlora_edu_GBps": round(out_bytes / t_ours / 1e9, 1),
                     "qlora_edu_time_over_bitsandbytes": round(t_ours / t_bnb, 2),
+                    "compiled_ms": round(t_compiled * 1e3, 4),
+                    "compiled_time_over_bitsandbytes": round(t_compiled / t_bnb, 2),
+                    "compiled_identical": same_compiled,
                     "quantize_kernel": "cuda" if W.is_cuda else "cpu",
                     "quantize_bytes_identical": same_bytes,
                     "quantize_differing": differing,

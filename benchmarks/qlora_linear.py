@@ -2,7 +2,8 @@
 float32 compute on the CPU, three ways in the same run, interleaved:
 
 (a) LoRA over an unquantized base (qlora_edu.LoRALinear),
-(b) qlora_edu.QLoRALinear (NF4, double quantization),
+(b) qlora_edu.QLoRALinear (NF4, double quantization), dequantizing with Chapter 12's kernel,
+(b0) the same layer on the plain PyTorch path (Chapter 3's dequantization),
 (c) bitsandbytes' Linear4bit (NF4, double quantization) with peft's LoRA.
 
 Prints medians and ratios. Run with `make bench`; record results with the machine.
@@ -19,7 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from qlora_edu import LoRALinear, QLoRALinear
+from qlora_edu import LoRALinear, QLoRALinear, fused
 
 SIZE, TOKENS, RANK, REPEATS = 4096, 2048, 16, 5
 
@@ -42,22 +43,33 @@ def step(layer: nn.Module, x: torch.Tensor) -> None:
     layer(x).sum().backward()
 
 
+def plain_step(layer: nn.Module, x: torch.Tensor) -> None:
+    with fused.disabled():
+        step(layer, x)
+
+
 def main() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(SIZE, SIZE, bias=False)
-    layers = {
-        "(a) LoRA, float32 base": LoRALinear(linear, r=RANK),
-        "(b) qlora_edu QLoRALinear": QLoRALinear.from_linear(linear, r=RANK),
-        "(c) bitsandbytes + peft": bitsandbytes_peft(linear),
-    }
+    lora, ours, theirs = (
+        LoRALinear(linear, r=RANK),
+        QLoRALinear.from_linear(linear, r=RANK),
+        bitsandbytes_peft(linear),
+    )
     x = torch.randn(TOKENS, SIZE, requires_grad=True)
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    for layer in layers.values():
-        step(layer, x)  # warm up
+    steps = {
+        "(a) LoRA, float32 base": lambda: step(lora, x),
+        "(b) qlora_edu QLoRALinear": lambda: step(ours, x),
+        "(b0) the same, plain path": lambda: plain_step(ours, x),
+        "(c) bitsandbytes + peft": lambda: step(theirs, x),
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for f in steps.values():
+        f()  # warm up
     for _ in range(REPEATS):
-        for name, layer in layers.items():
+        for name, f in steps.items():
             start = time.perf_counter()
-            step(layer, x)
+            f()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
     print(
@@ -72,6 +84,7 @@ def main() -> None:
         median["(a) LoRA, float32 base"],
     )
     print(f"qlora_edu vs bitsandbytes + peft: {c / b:.2f}x the speed")
+    print(f"kernel vs plain path: {median['(b0) the same, plain path'] / b:.2f}x the speed")
     print(f"4-bit overhead of qlora_edu over an unquantized base: {b / a - 1:+.0%}")
 
 

@@ -1,5 +1,7 @@
 """quantize_4bit / dequantize_4bit (NF4, double quantization): qlora_edu against bitsandbytes' CPU
 backend, in the same run, interleaved; median of several repeats; prints throughput and ratios.
+Dequantization is timed three ways: our plain PyTorch path (Chapter 3), our default path (Chapter
+12's kernel where it can be built) and bitsandbytes, beside the floor of filling a fresh output.
 
 Run with `make bench`. Timings vary between runs and machines: record them with the machine.
 """
@@ -14,7 +16,7 @@ import bitsandbytes
 import bitsandbytes.functional as bnb
 import torch
 
-from qlora_edu import dequantize_4bit, quantize_4bit
+from qlora_edu import dequantize_4bit, fused, quantize_4bit
 
 REPEATS = 7
 KWARGS = dict(blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -26,23 +28,30 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def compare(name: str, ours, theirs, numel: int) -> None:
-    ours(), theirs()  # warm up (bitsandbytes compiles its dequantization on first use)
-    t_ours, t_theirs = [], []
+def compare(name: str, ours, theirs, numel: int, **others) -> None:
+    """Throughputs of `ours`, `theirs` and `others`, interleaved, and ours / theirs."""
+    functions = {"ours": ours, "bitsandbytes": theirs, **others}
+    for f in functions.values():
+        f()  # warm up
+    times = {key: [] for key in functions}
     for _ in range(REPEATS):
-        t_ours.append(timed(ours))
-        t_theirs.append(timed(theirs))
-    a, b = statistics.median(t_ours), statistics.median(t_theirs)
-    print(
-        f"{name:<28} ours {numel / a / 1e6:8.1f} M/s   bitsandbytes {numel / b / 1e6:8.1f} M/s"
-        f"   ours/theirs speed {b / a:5.2f}x"
-    )
+        for key, f in functions.items():
+            times[key].append(timed(f))
+    median = {key: statistics.median(t) for key, t in times.items()}
+    speeds = "".join(f"{key} {numel / t / 1e6:8.1f} M/s   " for key, t in median.items())
+    print(f"{name:<28} {speeds}ours/theirs speed {median['bitsandbytes'] / median['ours']:5.2f}x")
+
+
+def plain_dequantize(packed, state):
+    with fused.disabled():
+        return dequantize_4bit(packed, state)
 
 
 def main() -> None:
     print(
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}"
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"bitsandbytes {bitsandbytes.__version__}, kernel: {fused.kernel() is not None}"
     )
     for dtype in (torch.float32, torch.bfloat16):
         A = torch.randn(4096, 4096).to(dtype)
@@ -59,6 +68,8 @@ def main() -> None:
             lambda q=ours_q, s=ours_state: dequantize_4bit(q, s),
             lambda q=bnb_q, s=bnb_state: bnb.dequantize_4bit(q, s),
             A.numel(),
+            plain=lambda q=ours_q, s=ours_state: plain_dequantize(q, s),
+            floor=lambda dtype=dtype: torch.empty(4096, 4096, dtype=dtype).fill_(1),
         )
 
 

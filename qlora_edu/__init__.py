@@ -15,9 +15,11 @@
 - :mod:`qlora_edu.hardware` (Chapter 9): the compute dtype by GPU capability, bitsandbytes configs.
 - :mod:`qlora_edu.fsdp` (Chapter 10): QLoRA sharded with FSDP2, launched by torchrun.
 - :mod:`qlora_edu.merge`, :mod:`qlora_edu.loftq` (Chapter 11): merging adapters, LoftQ.
+- :mod:`qlora_edu.fused` (Chapter 12): dequantization in one pass, compiled by ``torch.compile``
+  and by hand in C++ (the kernel ``dequantize_4bit`` uses on x86 CPUs).
 - :mod:`qlora_edu.diagrams`, :mod:`qlora_edu.plotting`: the diagrams, plot style and ``glue``.
 
-The modules of Chapters 2-7 and 11 are written in their chapters' ``# @save`` cells
+The modules of Chapters 2-7, 11 and 12 are written in their chapters' ``# @save`` cells
 (``make save``); the others are plain modules.
 """
 

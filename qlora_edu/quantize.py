@@ -410,11 +410,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     Each value is ``code[index] * absmax`` of its block, multiplied in float32 and rounded once to
     the dtype, as bitsandbytes does, with the state's code book (so FP4's code 8 is +0.0, see
     :func:`qlora_edu.codebooks.create_fp4_map`). The result never requires grad, whatever the
-    state's tensors do. Eager mode looks up two values per byte in a table; under
-    ``torch.compile`` (and on ``meta``, where there are no values) the same formula is written out
-    plainly, for the compiler to fuse. On a CPU with AVX512-BF16, bitsandbytes' AVX-512 loop (rows
-    whose length is a multiple of 16) flushes subnormal bfloat16 results (below 1.2e-38) to zero;
-    we keep them, so that the result does not depend on the CPU.
+    state's tensors do. On a CPU, eager mode runs Chapter 12's one-pass kernel
+    (:mod:`qlora_edu.fused`) where it can be built, which gives the same bits; the plain path below
+    looks up two values per byte in a table. Under ``torch.compile`` (and on ``meta``, where there
+    are no values) the same formula is written out plainly, for the compiler to fuse. On a CPU
+    with AVX512-BF16, bitsandbytes' AVX-512 loop (rows whose length is a multiple of 16) flushes
+    subnormal bfloat16 results (below 1.2e-38) to zero; we keep them, so that the result does not
+    depend on the CPU.
     """
     from qlora_edu.double_quant import dequantize_absmax
 
@@ -427,11 +429,18 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     blocks = math.ceil(numel / state.blocksize)
     if state.absmax.numel() != blocks:
         raise ValueError(f"state has {state.absmax.numel()} absmax values for {blocks} blocks")
-    absmax = dequantize_absmax(state) if state.nested else state.absmax
     if torch.compiler.is_compiling() or packed.is_meta:
+        absmax = dequantize_absmax(state) if state.nested else state.absmax
         indices = unpack_4bit(packed, numel)
         values = dequantize_blockwise(indices, absmax, state.code, state.blocksize)
         return values.to(state.dtype).view(state.shape)
+    if packed.device.type == "cpu":
+        from qlora_edu.fused import dequantize_4bit_kernel  # Chapter 12: one pass, the same bits
+
+        out = dequantize_4bit_kernel(packed, state)  # None where there is no kernel
+        if out is not None:
+            return out
+    absmax = dequantize_absmax(state) if state.nested else state.absmax
     table = _byte_table(tuple(state.code.float().view(torch.int32).tolist())).to(packed.device)
     size = state.blocksize * blocks  # a final partial block is filled up, then cut off
     data = packed.reshape(-1).view(torch.uint8)

@@ -88,6 +88,7 @@ def test_report_checks_equality_with_bitsandbytes(report):
     assert {"torch", "bitsandbytes", "transformers", "peft", "date"} <= data["environment"].keys()
     for row in data["dequantize"]:
         assert row["quantize_bytes_identical"] and row["dequantized_identical"]
+        assert row["compiled_identical"] and row["compiled_ms"] > 0
         assert row["quantize_kernel"] == "cpu" and not any(row["quantize_differing"].values())
         assert row["bitsandbytes_ms"] > 0 and row["qlora_edu_ms"] > 0
 
