@@ -25,6 +25,10 @@ What a large model needs on GPUs, as flags:
 - ``--activation-checkpointing``: every decoder layer recomputed in backward (non-reentrant).
 - ``--cpu-offload``: FSDP2's ``CPUOffloadPolicy``, the shards kept in host memory between uses
   (GPU runs only).
+- ``--low-memory-load`` (``--impl qlora_edu``): only rank 0 loads and quantizes the model; the
+  other ranks build its structure on the meta device (no memory), one decoder layer at a time,
+  shard it, and receive their shards from rank 0 (``set_model_state_dict`` with
+  ``broadcast_from_rank0``). Without it every rank loads the whole model before sharding it.
 """
 
 from __future__ import annotations
@@ -94,6 +98,27 @@ def build(impl: str, r: int, storage: torch.dtype, model_name: str | None = None
     return get_peft_model(model, lora)
 
 
+def build_on_meta(r: int, storage: torch.dtype, model_name: str | None = None) -> nn.Module:
+    """The structure of :func:`build`'s model with every tensor on the meta device, holding no
+    values: for ranks that receive their shards from rank 0. The 4-bit layers' quantization state
+    has shapes that depend on the weight's, so each decoder layer in turn is made real (zeros),
+    converted, and sent back to meta: at most one layer is ever in memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_name_or_path(model_name))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.requires_grad_(False)
+    for layer in decoder_layers(model):
+        layer.to_empty(device="cpu")
+        for tensor in [*layer.parameters(), *layer.buffers()]:
+            tensor.detach().zero_()
+        get_qlora_model(layer, r=r, lora_alpha=2 * r)
+        layer.to("meta")
+    packed_weights_as_parameters(model, storage)
+    return model
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
@@ -135,7 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed-precision", choices=list(PRECISION), default=None)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--cpu-offload", action="store_true", help="shards in host memory (GPU)")
+    parser.add_argument("--low-memory-load", action="store_true", help="only rank 0 loads")
     args = parser.parse_args(argv)
+    if args.low_memory_load and args.impl != "qlora_edu":
+        raise ValueError("--low-memory-load builds qlora_edu's model on meta: use --impl qlora_edu")
     param_dtype = PRECISION.get(args.mixed_precision)
     check_quant_storage(STORAGE[args.quant_storage], param_dtype)
 
@@ -161,13 +189,29 @@ def main(argv: list[str] | None = None) -> None:
     # Training mode, which from_pretrained does not set: in evaluation mode bitsandbytes 0.50, on a
     # CPU with AVX512-BF16, repacks 4-bit weights for a bfloat16 inference kernel, and training
     # through it goes wrong (the loss rose from 5.7 to 9.5 in one step).
-    model = build(args.impl, args.r, STORAGE[args.quant_storage], args.model).train()
+    storage = STORAGE[args.quant_storage]
+    if args.low_memory_load and rank != 0:
+        model = build_on_meta(args.r, storage, args.model).train()
+    else:
+        model = build(args.impl, args.r, storage, args.model).train()
+    full_state = model.state_dict() if args.low_memory_load and rank == 0 else {}
     frozen_before = local_bytes(p for p in model.parameters() if not p.requires_grad)
+    loaded = local_bytes(t for t in [*model.parameters(), *model.buffers()] if not t.is_meta)
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in decoder_layers(model):
         fully_shard(layer, **policies)
     fully_shard(model, **policies)
+    if args.low_memory_load:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if rank != 0:
+            model.to_empty(device=device or "cpu")  # memory for this rank's shards only
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full_state, options=options)
+        for buffer in model.buffers():  # whole on every rank, non-persistent ones included
+            dist.broadcast(buffer, src=0)
+        del full_state
     frozen_after = local_bytes(p for p in model.parameters() if not p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
@@ -200,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.all_reduce(total)
         log.append({"step": step, "loss": (total / n_tokens).item()})
 
-    memory = torch.tensor([frozen_before, frozen_after], dtype=torch.float64)
+    memory = torch.tensor([frozen_before, frozen_after, loaded], dtype=torch.float64)
     gathered = [torch.zeros_like(memory) for _ in range(world)]
     dist.all_gather(gathered, memory)
     state = full_lora_state_dict(model)
@@ -220,9 +264,11 @@ def main(argv: list[str] | None = None) -> None:
             "quant_storage": args.quant_storage,
             "mixed_precision": args.mixed_precision,
             "activation_checkpointing": args.activation_checkpointing,
+            "low_memory_load": args.low_memory_load,
             "losses": [entry["loss"] for entry in log],
             "frozen_bytes_unsharded": int(gathered[0][0]),
             "frozen_bytes_per_rank": [int(g[1]) for g in gathered],
+            "loaded_bytes_per_rank": [int(g[2]) for g in gathered],  # before sharding
         }
         (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result))

@@ -102,10 +102,16 @@ class Weight4bit:
         return out.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
-        quantized = {name: self._buffers.pop(name) for name in QUANT_BUFFERS}
+        # The quantization buffers follow device moves but never dtype casts. (The packed weight
+        # may be a parameter instead, for FSDP: qlora_edu.fsdp.) `to_empty` from the meta device
+        # gives them new, uninitialised memory, as it does to every other tensor.
+        names = [name for name in QUANT_BUFFERS if name in self._buffers]
+        quantized = {name: self._buffers.pop(name) for name in names}
         super()._apply(fn, recurse)
-        device = fn(torch.zeros(1, device=quantized["weight_packed"].device)).device
+        device = fn(torch.zeros(1, device=quantized["code"].device)).device
         for name, tensor in quantized.items():
+            if tensor is not None and tensor.is_meta:
+                tensor = torch.empty_like(tensor, device=device)
             self._buffers[name] = None if tensor is None else tensor.to(device)
         return self
 

@@ -42,6 +42,7 @@ def runs(tmp_path_factory):
                 "bfloat16",
             ),
         ),  # fmt: skip
+        ("low_memory", 2, ("--low-memory-load",)),
     ]:
         run, out = torchrun(tmp, n_procs, name, *args)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -107,6 +108,41 @@ def test_mixed_precision_and_checkpointing_shard_like_one_process(runs):
         torch.tensor(one["losses"]), torch.tensor(fp32["losses"]), rtol=3e-2, atol=0
     )
     assert two["losses"][-1] < two["losses"][0]
+
+
+def test_low_memory_load_gives_the_same_run_with_one_full_copy(runs):
+    """Rank 1 builds the model on meta (it holds no weights before sharding) and receives its
+    shards from rank 0: the losses and the adapter are those of the run where both ranks load."""
+    low, both = runs["low_memory"], runs["sharded"]
+    assert low[0]["losses"] == both[0]["losses"]
+    adapter = "adapter/adapter_model.safetensors"
+    assert (low[1] / adapter).read_bytes() == (both[1] / adapter).read_bytes()
+    full = low[0]["frozen_bytes_unsharded"]
+    assert low[0]["loaded_bytes_per_rank"][0] >= full and low[0]["loaded_bytes_per_rank"][1] == 0
+    assert all(loaded >= full for loaded in both[0]["loaded_bytes_per_rank"])
+    assert low[0]["frozen_bytes_per_rank"] == both[0]["frozen_bytes_per_rank"]
+
+
+def test_low_memory_load_is_refused_for_bitsandbytes():
+    from qlora_edu.fsdp import main
+
+    with pytest.raises(ValueError, match="use --impl qlora_edu"):
+        main(["--out", "unused", "--impl", "bitsandbytes", "--low-memory-load"])
+
+
+def test_a_prepared_model_moves_and_is_materialised_from_meta():
+    """With packed weights as parameters (FSDP's layout), `.to()` and `to_empty` still work; the
+    quantization buffers follow the device, never a dtype cast."""
+    from qlora_edu import QLoRALinear
+    from qlora_edu.fsdp import build_on_meta, packed_weights_as_parameters
+
+    layer = QLoRALinear.from_linear(torch.nn.Linear(64, 32), r=4)
+    packed_weights_as_parameters(layer)
+    assert layer.to("cpu").half().code.dtype == torch.float32
+    model = build_on_meta(4, torch.uint8)
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    model.to_empty(device="cpu")
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
 def test_float_quant_storage_under_mixed_precision_is_refused():
