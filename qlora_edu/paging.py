@@ -7,7 +7,8 @@ driver evicts pages to CPU RAM and pages them back when they are touched; before
 update bitsandbytes prefetches its state. That needs a GPU. This module shows the same mechanism on
 any machine with a *simulated* accelerator that accounts for every allocation in bytes:
 
-- ``SimulatedDevice``: a fixed capacity, a page size, a host link (bandwidth, latency). Ordinary
+- ``SimulatedDevice``: a fixed capacity, a page size, a host link (bandwidth, latency, and how
+  much slower pages move when they fault in on demand than when they are prefetched). Ordinary
   allocations (weights, gradients, activations) stay put; paged allocations live in pages that are
   evicted least-recently-used first when something else needs the room, and paged back in when
   touched. It counts faults, bytes moved each way, transfer seconds and the peak bytes in use.
@@ -50,15 +51,17 @@ class SimulatedDevice:
         bandwidth: float = 25e9,
         latency: float = 10e-6,
         paging: bool = True,
+        fault_slowdown: float = 3.0,
     ):
-        if capacity <= 0 or page_size <= 0 or bandwidth <= 0 or latency < 0:
+        if capacity <= 0 or page_size <= 0 or bandwidth <= 0 or latency < 0 or fault_slowdown < 1:
             raise ValueError(
-                "capacity, page_size and bandwidth must be positive and latency non-negative; got "
-                f"capacity={capacity}, page_size={page_size}, bandwidth={bandwidth}, "
-                f"latency={latency}"
+                "capacity, page_size and bandwidth must be positive, latency non-negative and "
+                f"fault_slowdown at least 1; got capacity={capacity}, page_size={page_size}, "
+                f"bandwidth={bandwidth}, latency={latency}, fault_slowdown={fault_slowdown}"
             )
         self.capacity, self.page_size = capacity, page_size
         self.bandwidth, self.latency, self.paging = bandwidth, latency, paging
+        self.fault_slowdown = fault_slowdown  # demand-faulted bytes move this much slower
         self.fixed: dict[str, int] = {}  # name -> bytes, never moved
         self.paged: dict[str, list[int]] = {}  # name -> size of each of its pages
         self.resident: OrderedDict[tuple[str, int], int] = OrderedDict()  # LRU first
@@ -75,8 +78,8 @@ class SimulatedDevice:
                 f"{self.capacity:,} bytes"
             )
 
-    def _transfer(self, nbytes: int) -> None:
-        self.stats.seconds += self.latency + nbytes / self.bandwidth
+    def _transfer(self, nbytes: int, slowdown: float = 1.0) -> None:
+        self.stats.seconds += self.latency + slowdown * nbytes / self.bandwidth
 
     def _make_room(self, nbytes: int, keep: str | None = None) -> None:
         """Evict least-recently-used pages (not those of ``keep``) until ``nbytes`` fit."""
@@ -131,7 +134,7 @@ class SimulatedDevice:
 
         With ``prefetch`` the missing pages come over in one transfer (one latency), as when
         bitsandbytes prefetches a parameter's state before its update; without it each page
-        faults on its own.
+        faults on its own, and moves ``fault_slowdown`` times slower.
         """
         if name not in self.paged:
             return
@@ -148,7 +151,7 @@ class SimulatedDevice:
             self.stats.bytes_to_device += size
             missing += size
             if not prefetch:
-                self._transfer(size)
+                self._transfer(size, self.fault_slowdown)
         if prefetch and missing:
             self._transfer(missing)
         self._record_peak()

@@ -61,6 +61,20 @@ def test_lru_eviction_and_prefetch_accounting():
     assert device.peak == 10 * MB
 
 
+def test_demand_faults_pay_a_latency_each_and_move_slower_than_a_prefetch():
+    seconds = {}
+    for prefetch in (True, False):
+        device = SimulatedDevice(8 * MB, page_size=MB, bandwidth=1e9, latency=1e-3)
+        device.allocate_paged("state", 4 * MB)
+        device.allocate("activations", 8 * MB)  # every page of the state goes to the host
+        device.free("activations")
+        before = device.stats.seconds
+        device.touch("state", prefetch=prefetch)
+        seconds[prefetch] = device.stats.seconds - before
+    assert seconds[True] == pytest.approx(1e-3 + 4 * MB / 1e9)
+    assert seconds[False] == pytest.approx(4 * (1e-3 + 3.0 * MB / 1e9))  # fault_slowdown=3
+
+
 def test_without_paging_a_spike_is_an_oom_that_names_the_bytes():
     device = SimulatedDevice(10 * MB, paging=False)
     device.allocate("weights", 4 * MB)
@@ -81,6 +95,7 @@ def test_without_paging_a_spike_is_an_oom_that_names_the_bytes():
         (dict(capacity=MB, page_size=0), "page_size=0"),
         (dict(capacity=MB, bandwidth=-1.0), "bandwidth=-1.0"),
         (dict(capacity=MB, latency=-1.0), "latency=-1.0"),
+        (dict(capacity=MB, fault_slowdown=0.5), "fault_slowdown=0.5"),
     ],
 )
 def test_bad_device_settings_are_named(kwargs, message):
