@@ -16,13 +16,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 # ATen's vectorised kernels (softmax, reductions, elementwise math) follow ATEN_CPU_CAPABILITY,
 # oneDNN's (convolutions) ONEDNN_MAX_CPU_ISA, and MKL's (matmul) MKL_ENABLE_INSTRUCTIONS.
+# torch.compile's Inductor also follows ATEN_CPU_CAPABILITY, but its on-disk cache does not tell
+# the two apart (torch 2.13): a limited process that reuses code compiled natively computes wrong
+# values. So the limited run gets a cache of its own.
 AVX2 = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "TORCHINDUCTOR_CACHE_DIR": os.path.join(tempfile.gettempdir(), "torchinductor-avx2-limited"),
 }
 
 PROBE = """
