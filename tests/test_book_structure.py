@@ -18,6 +18,7 @@ from booktools import (
 from packaging.version import Version
 
 NOTEBOOKS = notebook_paths()
+INSTRUCTORS = (ROOT / "book" / "instructors.md").read_text()
 NB_IDS = [p.name for p in NOTEBOOKS]
 
 
@@ -175,3 +176,55 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     workflows = " ".join(p.read_text() for p in (ROOT / ".github" / "workflows").glob("*.yml"))
     assert "make test" in workflows and "make book" in workflows
+
+
+def _chapter_of_modules() -> dict[str, int]:
+    """qlora_edu's modules and names -> the chapter that writes them (from the package's own map,
+    its __init__ docstring, and from its imports)."""
+    init = (ROOT / "qlora_edu" / "__init__.py").read_text()
+    chapter = {}
+    for line in init.split('"""')[1].split("\n- ")[1:]:
+        found = re.search(r"\(Chapters? (\d+)", line)
+        for module in re.findall(r":mod:`qlora_edu\.(\w+)`", line):
+            chapter[module] = int(found[1]) if found else 0
+    for module, names in re.findall(r"from qlora_edu\.(\w+) import \(?([^)]*?)\)?\n(?!\s)", init):
+        for name in re.findall(r"\w+", names):
+            chapter[name] = chapter.get(module, 0)
+    return chapter
+
+
+def test_each_chapters_prerequisites_cover_the_chapters_whose_code_it_imports():
+    """book/instructors.md's prerequisites, read with the prerequisites of the chapters they name,
+    include every earlier chapter whose part of qlora_edu the chapter imports."""
+    chapter_of = _chapter_of_modules()
+    chapter_map = INSTRUCTORS.split("## Chapter map")[1].split("\n## ")[0]
+    rows = {
+        int(m[1]): m[2]
+        for m in re.finditer(r"^\| (\d+)\. [^|]*\|[^|]*\| ([^|]*) \|", chapter_map, re.M)
+    }
+    listed = {
+        n: {
+            c
+            for a, b in re.findall(r"(\d+)(?:-(\d+))?", text)
+            for c in range(int(a), int(b or a) + 1)
+        }
+        for n, text in rows.items()
+    }
+
+    def closure(n, seen=None):
+        seen = set() if seen is None else seen
+        for c in listed.get(n, ()):
+            if c not in seen:
+                seen.add(c)
+                closure(c, seen)
+        return seen
+
+    assert sorted(rows) == list(range(1, len(NOTEBOOKS) + 1))
+    for path in NOTEBOOKS:
+        n = int(path.name[:2])
+        code = "\n".join(c.source for c in read(path).cells if c.cell_type == "code")
+        used = {chapter_of.get(m, 0) for m in re.findall(r"from qlora_edu\.(\w+) import", code)}
+        for names in re.findall(r"from qlora_edu import \(?([^)]*?)\)?\n(?!\s)", code):
+            used |= {chapter_of.get(name, 0) for name in re.findall(r"\w+", names)}
+        missing = sorted(c for c in used if 0 < c < n and c not in closure(n))
+        assert not missing, f"Chapter {n} imports the code of Chapters {missing}, not prerequisites"
