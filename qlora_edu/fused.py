@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -211,7 +212,7 @@ ENABLED = True  # dequantize_4bit uses the kernel where there is one; `disabled(
 
 
 @contextlib.contextmanager
-def disabled():
+def disabled() -> Iterator[None]:
     """Within this block, :func:`qlora_edu.quantize.dequantize_4bit` takes the plain PyTorch path
     (Chapter 3's): to compare the two, or to time them."""
     global ENABLED
